@@ -1,0 +1,158 @@
+"""The drift family: what PPO's clipped objective becomes when it is learned (LPO).
+
+Signature (every member): ``drift(ratio, advantage, clip_eps) -> drift``
+
+- ``ratio``: ``pi_new(a|s) / pi_old(a|s)``, positive, any shape (``[B]`` for one agent).
+- ``advantage``: the GAE advantage, normalised per minibatch, same shape as ``ratio``.
+- ``clip_eps``: PPO's clip range epsilon (0.2 by default), a float.
+- returns a drift of the same shape, ``>= 0`` everywhere.
+
+The actor loss is ``-mean(ratio * advantage - drift)``. Mirror learning asks a valid drift
+to be 0 at ``ratio = 1`` with zero gradient in ``ratio`` there.
+
+Members: :class:`PPOClip` (PPO's clip written as a drift), :class:`DPO` (Lu et al. 2022's
+discovered closed form) and :class:`LPO`, the learned network. Learned members expose their
+parameters as one flat vector (:meth:`Drift.flat_params`); the inner loop runs a population
+of them with :meth:`Drift.population`, ``meta_params [P, n_params]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+
+class Drift(nn.Module):
+    """Base class of the drift family."""
+
+    #: the name the member is addressed by (``ppo-clip``, ``dpo``, ``lpo``)
+    name: str = "drift"
+
+    def forward(self, ratio: torch.Tensor, advantage: torch.Tensor,
+                clip_eps: float = 0.2) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def num_meta_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flat_params(self) -> torch.Tensor:
+        """This member's parameters as one vector ``[n_params]`` (empty if handcrafted)."""
+        ps = [p.detach().reshape(-1) for p in self.parameters()]
+        return torch.cat(ps) if ps else torch.zeros(0)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[..., n_params]`` -> ``{name: [..., *shape]}``."""
+        out, i = {}, 0
+        lead = flat.shape[:-1]
+        for name, p in self.named_parameters():
+            out[name] = flat[..., i:i + p.numel()].reshape(*lead, *p.shape)
+            i += p.numel()
+        return out
+
+    def load_flat(self, flat: torch.Tensor) -> Drift:
+        """Copy a flat vector ``[n_params]`` into this module's parameters."""
+        with torch.no_grad():
+            for name, t in self.unflatten(flat).items():
+                self.get_parameter(name).copy_(t)
+        return self
+
+    def population(self, meta_params: torch.Tensor, ratio: torch.Tensor,
+                   advantage: torch.Tensor, clip_eps: float = 0.2) -> torch.Tensor:
+        """One drift per member: ``meta_params [P, n]``, ``ratio``/``advantage`` ``[P, B]``."""
+        if self.num_meta_params == 0:
+            return self(ratio, advantage, clip_eps)
+        params = self.unflatten(meta_params)
+        return vmap(lambda p, r, a: functional_call(self, p, (r, a, clip_eps)))(
+            params, ratio, advantage
+        )
+
+
+def ppo_clip_objective_drift(ratio, advantage, clip_eps):
+    """``(r - clip(r, 1-eps, 1+eps)) * A``: PPO's clip, as a (possibly negative) drift."""
+    return (ratio - ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)) * advantage
+
+
+class PPOClip(Drift):
+    """PPO's clipped surrogate as a drift: ``relu((r - clip(r, 1-eps, 1+eps)) * A)``.
+
+    With it, ``r*A - drift = min(r*A, clip(r)*A)``, exactly PPO's objective.
+    """
+
+    name = "ppo-clip"
+
+    def forward(self, ratio, advantage, clip_eps=0.2):
+        return torch.relu(ppo_clip_objective_drift(ratio, advantage, clip_eps))
+
+
+class DPO(Drift):
+    """Discovered Policy Optimisation (Lu et al. 2022), closed form.
+
+    For ``A >= 0``: ``relu((r-1)A - alpha * tanh((r-1)A / alpha))``, alpha = 2;
+    for ``A < 0``: ``relu(log(r)A - beta * tanh(log(r)A / beta))``, beta = 0.6.
+    ``clip_eps`` is accepted for the common signature and not used.
+    """
+
+    name = "dpo"
+
+    def __init__(self, alpha: float = 2.0, beta: float = 0.6):
+        super().__init__()
+        self.alpha, self.beta = alpha, beta
+
+    def forward(self, ratio, advantage, clip_eps=0.2):
+        pos = (ratio - 1.0) * advantage
+        neg = torch.log(ratio) * advantage
+        drift_pos = torch.relu(pos - self.alpha * torch.tanh(pos / self.alpha))
+        drift_neg = torch.relu(neg - self.beta * torch.tanh(neg / self.beta))
+        return torch.where(advantage >= 0, drift_pos, drift_neg)
+
+
+def lpo_features(ratio: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
+    """The 8 LPO inputs ``[..., 8]``: r-1, (r-1)^2, log r, (log r)^2, and each times A."""
+    x = ratio - 1.0
+    lr = torch.log(ratio)
+    base = torch.stack([x, x * x, lr, lr * lr], dim=-1)
+    return torch.cat([base, base * advantage.unsqueeze(-1)], dim=-1)
+
+
+class LPO(Drift):
+    """Learned Policy Optimisation: a small network added to PPO's drift.
+
+    ``drift = relu(f(features) - 1e-4 + relu(ppo_clip_drift))`` with
+    ``f = Linear(8, hidden, bias=False) -> tanh -> Linear(hidden, 1, bias=False)``
+    (1,152 parameters at the paper's width 128). The weights start at zero, so an untrained
+    LPO is PPO up to the 1e-4 offset.
+    """
+
+    name = "lpo"
+    offset = 1e-4
+
+    def __init__(self, hidden: int = 128):
+        super().__init__()
+        self.hidden = hidden
+        self.l1 = nn.Linear(8, hidden, bias=False)
+        self.l2 = nn.Linear(hidden, 1, bias=False)
+        nn.init.zeros_(self.l1.weight)
+        nn.init.zeros_(self.l2.weight)
+
+    def network(self, ratio, advantage):
+        return self.l2(torch.tanh(self.l1(lpo_features(ratio, advantage)))).squeeze(-1)
+
+    def forward(self, ratio, advantage, clip_eps=0.2):
+        ppo = ppo_clip_objective_drift(ratio, advantage, clip_eps)
+        return torch.relu(self.network(ratio, advantage) - self.offset + torch.relu(ppo))
+
+
+DRIFTS: dict[str, type[Drift]] = {"ppo-clip": PPOClip, "dpo": DPO, "lpo": LPO}
+
+
+def make_drift(name: str) -> Drift:
+    """A drift member by name: ``ppo-clip``, ``dpo`` or ``lpo`` (zero weights)."""
+    if name not in DRIFTS:
+        import difflib
+
+        close = difflib.get_close_matches(name, DRIFTS, n=3)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown drift {name!r}; choose one of {', '.join(DRIFTS)}.{hint}")
+    return DRIFTS[name]()

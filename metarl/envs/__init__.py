@@ -1,0 +1,115 @@
+"""Vectorised environments that speak torch tensors.
+
+``make(env_id, num_envs, seed, device)`` picks a backend: envpool for every id it has, the
+torch-native batched environments (``backend="torch"``), or gymnasium's vector env as the
+slow fallback. All backends share envpool's next-step auto-reset (see
+:mod:`metarl.envs.base`).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+
+from metarl.envs.base import Step, VecEnv
+from metarl.envs.envpool_backend import EnvpoolEnv, envpool_ids
+from metarl.envs.gym_backend import GymnasiumEnv, gymnasium_ids
+from metarl.envs.spec import EnvSpec
+from metarl.envs.torch_backend import TORCH_ENVS
+
+__all__ = ["make", "list_envs", "backends_for", "env_seeds", "EnvSpec", "Step", "VecEnv"]
+
+BACKENDS = ("auto", "envpool", "torch", "gymnasium")
+# The order "auto" tries backends in.
+AUTO_ORDER = ("envpool", "torch", "gymnasium")
+
+
+def env_seeds(seed: int, num_envs: int) -> list[int]:
+    """The seeds of the ``num_envs`` environments that belong to a member with ``seed``.
+
+    They depend only on ``(seed, index)``, so a member's environments are the same whether it
+    trains alone or in a population.
+    """
+    from metarl import rng
+
+    keys = rng.fold(rng.seed_keys([int(seed)]), 0xE5)
+    s = rng._bits(keys, (num_envs,))[0] & 0x7FFFFFFF
+    return [int(x) for x in s.tolist()]
+
+
+def backends_for(env_id: str) -> list[str]:
+    """The backends that provide ``env_id``, in the order ``backend="auto"`` tries them."""
+    found = []
+    for b in AUTO_ORDER:
+        if b == "envpool" and env_id in envpool_ids():
+            found.append(b)
+        elif b == "torch" and env_id in TORCH_ENVS:
+            found.append(b)
+        elif b == "gymnasium" and env_id in gymnasium_ids():
+            found.append(b)
+    return found
+
+
+def list_envs() -> dict[str, list[str]]:
+    """Every known id, mapped to the backends that provide it."""
+    ids = set(envpool_ids()) | set(TORCH_ENVS) | set(gymnasium_ids())
+    return {i: backends_for(i) for i in sorted(ids)}
+
+
+def _unknown(env_id: str) -> ValueError:
+    known = sorted(set(envpool_ids()) | set(TORCH_ENVS) | set(gymnasium_ids()))
+    close = difflib.get_close_matches(env_id, known, n=5, cutoff=0.5)
+    hint = f" Closest known ids: {', '.join(close)}." if close else ""
+    return ValueError(
+        f"unknown environment id {env_id!r}.{hint} Run `metarl envs` to list every id."
+    )
+
+
+def check_env_id(env_id: str, backend: str = "auto") -> str:
+    """Return the backend that will serve ``env_id``, or raise a helpful ValueError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    found = backends_for(env_id)
+    if not found:
+        raise _unknown(env_id)
+    if backend == "auto":
+        return found[0]
+    if backend not in found:
+        raise ValueError(
+            f"backend {backend!r} does not provide {env_id!r}; it is available from: "
+            f"{', '.join(found)}"
+        )
+    return backend
+
+
+def make(
+    env_id: str,
+    num_envs: int,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+    seeds: list[int] | None = None,
+) -> VecEnv:
+    """A vectorised environment of ``num_envs`` copies of ``env_id`` on ``device``.
+
+    Args:
+        env_id: e.g. ``"CartPole-v1"``; ``metarl envs`` lists them all.
+        num_envs: number of parallel environments (positive).
+        seed: seeds the environments through :func:`env_seeds` unless ``seeds`` is given.
+        device: where observations, rewards and flags are returned.
+        backend: ``"auto"`` (envpool, then torch-native, then gymnasium), or one of them.
+        seeds: one seed per environment, overriding ``seed``.
+    """
+    if not isinstance(num_envs, int) or num_envs <= 0:
+        raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+    chosen = check_env_id(env_id, backend)
+    if seeds is None:
+        seeds = env_seeds(seed, num_envs)
+    if len(seeds) != num_envs:
+        raise ValueError(f"got {len(seeds)} seeds for {num_envs} environments")
+    if chosen == "envpool":
+        return EnvpoolEnv(env_id, num_envs, seeds, device)
+    if chosen == "torch":
+        return TORCH_ENVS[env_id](num_envs, seeds, device)
+    return GymnasiumEnv(env_id, num_envs, seeds, device)

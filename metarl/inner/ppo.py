@@ -1,0 +1,414 @@
+"""Population PPO: train P agents at once, each with its own drift function.
+
+``train(config, drift, meta_params, seeds) -> TrainResult`` is a pure function of its
+inputs. Every tensor carries the population dimension first; the actor-critic runs through
+``torch.func.functional_call`` under ``torch.func.vmap``; all ``P x N`` environments step in
+one call; the optimiser updates the flat ``[P, D]`` parameters in one operation. Randomness
+comes from :mod:`metarl.rng` keyed by each member's seed, so member ``i`` of a population
+gets the same numbers as the same member trained alone.
+
+The PPO details follow purejaxrl (which LPO, OPEN and the paper's code build on): GAE,
+per-minibatch advantage normalisation, clipped value loss, entropy bonus, global gradient
+clipping, Adam with a linear learning-rate anneal, epochs over shuffled minibatches.
+Transitions from envpool's auto-reset step are masked out of every loss and statistic.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from metarl import rng
+from metarl.algorithms.drift import Drift, make_drift
+from metarl.algorithms.optim import Adam, AgentOptimizer, StepContext
+from metarl.configs import PPOConfig
+from metarl.envs import check_env_id, env_seeds, make
+from metarl.envs.spec import EnvSpec
+from metarl.inner.normalize import ObsNormalizer, RewardNormalizer
+from metarl.nets import ActorCritic, FlatParams, init_population, population_forward
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+# Stream numbers folded into member keys, one per purpose of randomness.
+_S_INIT, _S_ACTION, _S_SHUFFLE = 1, 2, 3
+
+
+@dataclass
+class TrainResult:
+    """What a population training run returns. Tensors are on the CPU.
+
+    - ``final_return [P]``: per member, the mean return of the episodes that ended in the
+      last update, averaged over the member's environments (an environment with no episode
+      ending then contributes its most recent finished episode, or if none has finished,
+      its current episode's return so far). NaN for a failed member.
+    - ``curve [P, U]``: the same measure after each of the ``U`` updates.
+    - ``timesteps [U]``: environment steps per member at the end of each update.
+    - ``failed [P]``: the member's loss or parameters became non-finite.
+    - ``agent_params [P, D]``: final agent parameters (flat; see :class:`FlatParams`).
+    """
+
+    final_return: torch.Tensor
+    curve: torch.Tensor
+    timesteps: torch.Tensor
+    failed: torch.Tensor
+    seeds: list[int]
+    config: PPOConfig
+    drift: str
+    wall_time: float
+    env_steps: int
+    agent_params: torch.Tensor = field(repr=False)
+
+    @property
+    def mean(self) -> float:
+        return float(self.final_return.nanmean())
+
+    @property
+    def stderr(self) -> float:
+        x = self.final_return[torch.isfinite(self.final_return)]
+        if x.numel() < 2:
+            return 0.0
+        return float(x.std(unbiased=True) / math.sqrt(x.numel()))
+
+
+# -- input checks -------------------------------------------------------------------------
+
+
+def check_config(config: PPOConfig) -> None:
+    """Refuse a configuration that cannot train, before any work starts."""
+    for name in ("num_envs", "num_steps", "total_timesteps", "update_epochs",
+                 "num_minibatches", "hidden", "layers"):
+        v = getattr(config, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if config.num_updates < 1:
+        raise ValueError(
+            f"total_timesteps={config.total_timesteps} is less than one update of "
+            f"num_envs x num_steps = {config.batch_size} steps; raise --total-timesteps "
+            f"or lower --num-envs / --num-steps"
+        )
+    if config.batch_size % config.num_minibatches:
+        raise ValueError(
+            f"num_envs x num_steps = {config.batch_size} is not divisible by "
+            f"num_minibatches={config.num_minibatches}; pick a divisor"
+        )
+    for name in ("lr", "max_grad_norm", "clip_eps"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)!r}")
+    if not (0 < config.gamma <= 1 and 0 <= config.gae_lambda <= 1):
+        raise ValueError("gamma must be in (0, 1] and gae_lambda in [0, 1]")
+    if config.activation not in ("tanh", "relu"):
+        raise ValueError(f"activation must be 'tanh' or 'relu', got {config.activation!r}")
+
+
+def check_options(config: PPOConfig, spec: EnvSpec) -> PPOConfig:
+    """Resolve the continuous-control options against the environment's action space."""
+    options = ("normalize_obs", "normalize_reward", "clip_action")
+    if spec.discrete:
+        bad = [o for o in options if getattr(config, o)]
+        if bad:
+            flags = ", ".join("--" + o.replace("_", "-") for o in bad)
+            raise ValueError(
+                f"{flags}: continuous-control option(s) set, but {spec.env_id} has a discrete "
+                f"action space ({spec.num_actions} actions); drop them for this environment"
+            )
+        return config.replace(normalize_obs=False, normalize_reward=False, clip_action=False)
+    return config.replace(**{o: True if getattr(config, o) is None else getattr(config, o)
+                             for o in options})
+
+
+def resolve_population(drift: Drift, meta_params, seeds) -> tuple[torch.Tensor, list[int]]:
+    """Check and broadcast ``meta_params`` and ``seeds`` to one row per member.
+
+    Accepted: ``meta_params`` None (the drift's own parameters, shared), ``[n]`` (shared by
+    every seed) or ``[P, n]``; ``seeds`` a sequence of P integers, or of one integer shared
+    by the P members.
+    """
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds is empty: give at least one seed")
+    n = drift.num_meta_params
+    if meta_params is None:
+        meta_params = drift.flat_params()
+    meta_params = torch.as_tensor(meta_params, dtype=torch.float32)
+    if meta_params.dim() == 1:
+        if meta_params.shape[0] != n:
+            raise ValueError(
+                f"meta_params has {meta_params.shape[0]} entries but {drift.name} has {n} "
+                f"meta-parameters; pass [{n}] (shared) or [P, {n}] (one row per member)"
+            )
+        meta_params = meta_params.unsqueeze(0).expand(len(seeds), n)
+    elif meta_params.dim() == 2:
+        if meta_params.shape[1] != n:
+            raise ValueError(
+                f"meta_params has shape {list(meta_params.shape)} but {drift.name} has {n} "
+                f"meta-parameters per member; expected [P, {n}]"
+            )
+        if len(seeds) == 1:
+            seeds = seeds * meta_params.shape[0]
+        if meta_params.shape[0] != len(seeds):
+            raise ValueError(
+                f"meta_params has {meta_params.shape[0]} members but {len(seeds)} seeds were "
+                f"given; give one seed per member or a single shared seed"
+            )
+    else:
+        raise ValueError(
+            f"meta_params must be [{n}] or [P, {n}], got shape {list(meta_params.shape)}"
+        )
+    if not torch.isfinite(meta_params).all():
+        bad = (~torch.isfinite(meta_params).all(dim=1)).nonzero().flatten().tolist()
+        # Not an error: ES may ask for such a member; it is trained and reported as failed.
+        del bad
+    return meta_params, seeds
+
+
+# -- the loop -----------------------------------------------------------------------------
+
+
+def _policy(out: torch.Tensor, log_std: torch.Tensor | None, actions: torch.Tensor):
+    """Log-probability of ``actions`` and entropy, for logits or Gaussian means."""
+    if log_std is None:
+        logp_all = torch.log_softmax(out, dim=-1)
+        logp = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp, entropy
+    ls = log_std.unsqueeze(1)  # [P, 1, A]
+    z = (actions - out) * torch.exp(-ls)
+    logp = (-0.5 * z * z - ls - _LOG_SQRT_2PI).sum(-1)
+    entropy = (ls + 0.5 + _LOG_SQRT_2PI).sum(-1).expand_as(logp)
+    return logp, entropy
+
+
+def train(
+    config: PPOConfig,
+    drift: Drift | str = "ppo-clip",
+    meta_params: torch.Tensor | None = None,
+    seeds: Sequence[int] | int = (0,),
+    *,
+    optimizer: AgentOptimizer | None = None,
+    progress: bool = False,
+    callback: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train one PPO agent per member of the population.
+
+    Args:
+        config: the inner-loop configuration (:func:`metarl.configs.config_for`).
+        drift: a drift member or its name (``ppo-clip``, ``dpo``, ``lpo``).
+        meta_params: the drift's meta-parameters, ``[n]`` shared or ``[P, n]`` per member;
+            None uses the drift module's own parameters.
+        seeds: one seed per member (or one shared seed). A member's seed fixes its network
+            initialisation, its environments and its action sampling.
+        optimizer: the agent optimiser (default: Adam from ``config``).
+        progress: show a progress bar over updates.
+        callback: called after every update with a dict of that update's statistics.
+    """
+    t_start = time.perf_counter()
+    check_config(config)
+    drift = make_drift(drift) if isinstance(drift, str) else drift
+    meta, seeds = resolve_population(drift, meta_params, seeds)
+    check_env_id(config.env_id, config.backend)
+    P, N, T = len(seeds), config.num_envs, config.num_steps
+    device = torch.device(config.device)
+
+    all_seeds = [s for seed in seeds for s in env_seeds(seed, N)]
+    env = make(config.env_id, P * N, device=device, backend=config.backend, seeds=all_seeds)
+    try:
+        config = check_options(config, env.spec)
+        return _train(config, env, drift, meta.to(device), seeds, optimizer, progress,
+                      callback, t_start)
+    finally:
+        env.close()
+
+
+def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_start):
+    spec = env.spec
+    P, N, T = len(seeds), config.num_envs, config.num_steps
+    B, U = config.batch_size, config.num_updates
+    E, M = config.update_epochs, config.num_minibatches
+    mbs = config.minibatch_size
+    device = env.device
+    discrete = spec.discrete
+    A = spec.action_dim
+
+    model = ActorCritic(spec.obs_dim, A, discrete, config.hidden, config.layers,
+                        config.activation).to(device)
+    layout = FlatParams(model)
+    keys = rng.seed_keys(seeds, device=device)
+    params = init_population(model, rng.fold(keys, _S_INIT)).requires_grad_(True)
+    opt = optimizer or Adam(config.lr, config.adam_b1, config.adam_b2, config.adam_eps,
+                            config.anneal_lr)
+    opt_state = opt.init(params.detach())
+    log_std_slice = None
+    if not discrete:
+        i = layout.names.index("log_std")
+        start = sum(layout.sizes[:i])
+        log_std_slice = slice(start, start + layout.sizes[i])
+        low, high = spec.action_bounds(device)
+
+    obs_norm = ObsNormalizer(P, spec.obs_dim, device) if config.normalize_obs else None
+    rew_norm = RewardNormalizer(P, N, config.gamma, device) if config.normalize_reward else None
+
+    def forward(flat, obs):
+        return population_forward(model, layout, flat, obs)
+
+    # Rollout storage, time first: [T, P, N, ...].
+    obs_buf = torch.zeros(T, P, N, spec.obs_dim, device=device)
+    act_buf = (torch.zeros(T, P, N, dtype=torch.long, device=device) if discrete
+               else torch.zeros(T, P, N, A, device=device))
+    logp_buf = torch.zeros(T, P, N, device=device)
+    val_buf = torch.zeros(T, P, N, device=device)
+    rew_buf = torch.zeros(T, P, N, device=device)
+    term_buf = torch.zeros(T, P, N, device=device)
+    done_buf = torch.zeros(T, P, N, device=device)
+    valid_buf = torch.zeros(T, P, N, device=device)
+
+    # Episode statistics per member and environment.
+    last_return = torch.full((P, N), float("nan"), device=device)
+    curve = torch.zeros(P, U, device=device)
+    nonfinite = torch.zeros(P, dtype=torch.bool, device=device)
+
+    raw_obs = env.reset().reshape(P, N, -1)
+    obs = obs_norm(raw_obs) if obs_norm else raw_obs
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=U, desc=f"{drift.name} on {spec.env_id} (P={P})", unit="update")
+
+    for update in range(U):
+        ep_sum = torch.zeros(P, N, device=device)
+        ep_count = torch.zeros(P, N, device=device)
+        # ---- rollout -------------------------------------------------------------------
+        with torch.no_grad():
+            log_std = params[:, log_std_slice] if log_std_slice else None
+            for t in range(T):
+                out, value = forward(params, obs)
+                k = rng.fold(keys, _S_ACTION, update, t)
+                if discrete:
+                    gumbel = -torch.log(-torch.log(rng.uniform(k, (N, A))))
+                    action = torch.argmax(out + gumbel, dim=-1)
+                    env_action = action.reshape(P * N)
+                else:
+                    noise = rng.normal(k, (N, A))
+                    action = out + torch.exp(log_std).unsqueeze(1) * noise
+                    env_action = torch.nan_to_num(action.reshape(P * N, A))
+                    if config.clip_action:
+                        env_action = torch.maximum(torch.minimum(env_action, high), low)
+                logp, _ = _policy(out, log_std, action)
+                step = env.step(env_action)
+                reward = step.reward.reshape(P, N)
+                done = step.done.reshape(P, N)
+                obs_buf[t] = obs
+                act_buf[t] = action
+                logp_buf[t] = logp
+                val_buf[t] = value
+                term_buf[t] = step.terminated.reshape(P, N)
+                done_buf[t] = done
+                valid_buf[t] = step.valid.reshape(P, N)
+                rew_buf[t] = rew_norm(reward, done) if rew_norm else reward
+                ep_ret = step.episode_return.reshape(P, N)
+                ep_sum += ep_ret
+                ep_count += done
+                last_return = torch.where(done, ep_ret, last_return)
+                raw_obs = step.obs.reshape(P, N, -1)
+                obs = obs_norm(raw_obs) if obs_norm else raw_obs
+            _, last_value = forward(params, obs)
+
+            # ---- GAE (next-step auto-reset: obs[t+1] is the final obs when done[t]) ----
+            adv_buf = torch.zeros_like(val_buf)
+            adv = torch.zeros(P, N, device=device)
+            next_value = last_value
+            g, gl = config.gamma, config.gamma * config.gae_lambda
+            for t in range(T - 1, -1, -1):
+                delta = rew_buf[t] + g * next_value * (1.0 - term_buf[t]) - val_buf[t]
+                adv = delta + gl * (1.0 - done_buf[t]) * adv
+                adv_buf[t] = adv
+                next_value = val_buf[t]
+            ret_buf = adv_buf + val_buf
+
+            # Statistics of this update.
+            partial = env._ep_return.reshape(P, N)
+            per_env = torch.where(ep_count > 0, ep_sum / ep_count.clamp(min=1),
+                                  torch.where(torch.isnan(last_return), partial, last_return))
+            curve[:, update] = per_env.mean(dim=1)
+
+        # ---- PPO epochs ----------------------------------------------------------------
+        def flat(x):  # [T, P, N, ...] -> [P, T*N, ...]
+            return x.transpose(0, 1).reshape(P, B, *x.shape[3:])
+
+        batch = [flat(x) for x in (obs_buf, act_buf, logp_buf, val_buf, adv_buf, ret_buf,
+                                   valid_buf)]
+        losses = torch.zeros(P, device=device)
+        for epoch in range(E):
+            perm = rng.permutation(rng.fold(keys, _S_SHUFFLE, update, epoch), B)
+            shuffled = [x.gather(1, perm.view(P, B, *([1] * (x.dim() - 2))).expand_as(x))
+                        for x in batch]
+            for mb in range(M):
+                sl = slice(mb * mbs, (mb + 1) * mbs)
+                b_obs, b_act, b_logp, b_val, b_adv, b_ret, b_valid = (x[:, sl] for x in shuffled)
+                loss = _ppo_loss(config, drift, meta, forward, params, log_std_slice,
+                                 b_obs, b_act, b_logp, b_val, b_adv, b_ret, b_valid)
+                (grads,) = torch.autograd.grad(loss.sum(), params)
+                with torch.no_grad():
+                    norm = grads.norm(dim=1, keepdim=True)
+                    grads = grads * (config.max_grad_norm
+                                     / torch.clamp(norm, min=config.max_grad_norm))
+                    opt.step(params, grads, opt_state,
+                             StepContext(update, U, epoch, E, mb, M))
+                    losses += loss.detach()
+        nonfinite |= ~torch.isfinite(losses)
+        if callback is not None or bar is not None:
+            stats = {"update": update, "timesteps": (update + 1) * B,
+                     "returns": curve[:, update].detach().cpu(),
+                     "loss": (losses / (E * M)).cpu()}
+            if callback is not None:
+                callback(stats)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(mean_return=f"{float(stats['returns'].nanmean()):.1f}")
+    if bar is not None:
+        bar.close()
+
+    with torch.no_grad():
+        failed = nonfinite | ~torch.isfinite(params).all(dim=1)
+        final = torch.where(failed, torch.full_like(curve[:, -1], float("nan")), curve[:, -1])
+    return TrainResult(
+        final_return=final.cpu(),
+        curve=curve.cpu(),
+        timesteps=torch.arange(1, U + 1) * B,
+        failed=failed.cpu(),
+        seeds=list(seeds),
+        config=config,
+        drift=drift.name,
+        wall_time=time.perf_counter() - t_start,
+        env_steps=P * U * B,
+        agent_params=params.detach().cpu(),
+    )
+
+
+def _ppo_loss(config, drift, meta, forward, params, log_std_slice, obs, act, logp_old,
+              val_old, adv, ret, valid):
+    """PPO loss per member ``[P]`` with the drift as the policy objective's regulariser."""
+    out, value = forward(params, obs)
+    log_std = params[:, log_std_slice] if log_std_slice else None
+    logp, entropy = _policy(out, log_std, act)
+    w = valid
+    wsum = w.sum(dim=1).clamp(min=1.0)
+
+    def mean(x):
+        return (x * w).sum(dim=1) / wsum
+
+    mu = mean(adv).unsqueeze(1)
+    std = torch.sqrt(mean((adv - mu) ** 2)).unsqueeze(1)
+    adv = (adv - mu) / (std + 1e-8)
+    ratio = torch.exp(logp - logp_old)
+    drift_value = drift.population(meta, ratio, adv, config.clip_eps)
+    actor_loss = -mean(ratio * adv - drift_value)
+    v_clipped = val_old + (value - val_old).clamp(-config.clip_eps, config.clip_eps)
+    value_loss = 0.5 * mean(torch.maximum((value - ret) ** 2, (v_clipped - ret) ** 2))
+    return actor_loss + config.vf_coef * value_loss - config.ent_coef * mean(entropy)

@@ -1,0 +1,124 @@
+"""Actor-critic networks and population parameter stacking.
+
+A population of P agents is one ``nn.Module`` (the architecture) and one flat parameter
+tensor ``[P, D]``. :class:`FlatParams` maps the flat tensor to the module's named
+parameters (views ``[P, *shape]``), and :func:`population_forward` runs the module for every
+member at once through ``torch.func.functional_call`` under ``torch.func.vmap``. Keeping the
+parameters flat makes the optimiser, gradient clipping and checkpoints single tensor
+operations over the population.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from metarl import rng
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def mlp(sizes: list[int], activation: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+class ActorCritic(nn.Module):
+    """Separate actor and critic towers (``layers`` hidden layers of ``hidden`` units).
+
+    ``forward(obs [B, obs_dim]) -> (policy_out [B, action_dim], value [B])``, where
+    ``policy_out`` is the logits of a categorical policy or the mean of a diagonal Gaussian
+    whose state-independent log standard deviation is the parameter ``log_std``.
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, discrete: bool, hidden: int = 64,
+                 layers: int = 2, activation: str = "tanh"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+            )
+        self.discrete = discrete
+        self.actor = mlp([obs_dim] + [hidden] * layers + [action_dim], activation)
+        self.critic = mlp([obs_dim] + [hidden] * layers + [1], activation)
+        if not discrete:
+            self.log_std = nn.Parameter(torch.zeros(action_dim))
+
+    def forward(self, obs: torch.Tensor):
+        return self.actor(obs), self.critic(obs).squeeze(-1)
+
+    def init_gains(self) -> dict[str, float]:
+        """Orthogonal-init gains (the CleanRL / purejaxrl choice): sqrt(2) for hidden
+        layers, 0.01 for the policy head, 1 for the value head. Biases start at zero."""
+        gains = {}
+        for tower, head_gain in (("actor", 0.01), ("critic", 1.0)):
+            linears = [n for n, m in getattr(self, tower).named_modules()
+                       if isinstance(m, nn.Linear)]
+            for i, n in enumerate(linears):
+                gains[f"{tower}.{n}.weight"] = head_gain if i == len(linears) - 1 else math.sqrt(2)
+        return gains
+
+
+class FlatParams:
+    """Layout of a module's parameters inside one flat vector of length ``numel``."""
+
+    def __init__(self, module: nn.Module):
+        self.names = [n for n, _ in module.named_parameters()]
+        self.shapes = [tuple(p.shape) for _, p in module.named_parameters()]
+        self.sizes = [p.numel() for _, p in module.named_parameters()]
+        self.numel = sum(self.sizes)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[..., numel]`` -> ``{name: [..., *shape]}`` (views, no copy)."""
+        lead = flat.shape[:-1]
+        parts = torch.split(flat, self.sizes, dim=-1)
+        return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes)}
+
+    def flatten(self, tensors: dict[str, torch.Tensor], lead: int = 0) -> torch.Tensor:
+        """Inverse of :meth:`unflatten`; ``lead`` leading dims are kept."""
+        return torch.cat(
+            [tensors[n].reshape(*tensors[n].shape[:lead], -1) for n in self.names], dim=-1
+        )
+
+
+def orthogonal(keys: torch.Tensor, rows: int, cols: int, gain: float) -> torch.Tensor:
+    """One orthogonal ``[rows, cols]`` matrix per key: ``[P, rows, cols]``."""
+    n, m = max(rows, cols), min(rows, cols)
+    a = rng.normal(keys, (n, m))
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    if rows < cols:
+        q = q.transpose(-1, -2)
+    return gain * q
+
+
+def init_population(module: ActorCritic, keys: torch.Tensor) -> torch.Tensor:
+    """Initial parameters ``[P, D]`` for one member per key; member i depends on key i only."""
+    layout = FlatParams(module)
+    gains = module.init_gains()
+    out = {}
+    for i, (name, shape) in enumerate(zip(layout.names, layout.shapes)):
+        k = rng.fold(keys, 0x1A17, i)
+        if name in gains:
+            out[name] = orthogonal(k, shape[0], shape[1], gains[name])
+        else:  # biases and log_std start at zero
+            out[name] = torch.zeros(keys.shape[0], *shape, device=keys.device)
+    return layout.flatten(out, lead=1)
+
+
+def population_forward(module: nn.Module, layout: FlatParams, flat: torch.Tensor,
+                       *inputs: torch.Tensor):
+    """Run ``module`` for every member: ``flat [P, D]``, inputs ``[P, B, ...]``."""
+    params = layout.unflatten(flat)
+
+    def one(p, *x):
+        return functional_call(module, p, x)
+
+    return vmap(one)(params, *inputs)
