@@ -54,6 +54,26 @@ class ActorCritic(nn.Module):
     def forward(self, obs: torch.Tensor):
         return self.actor(obs), self.critic(obs).squeeze(-1)
 
+    def batched(self, params: dict[str, torch.Tensor], obs: torch.Tensor):
+        """The population forward written directly as batched matmuls (``baddbmm``).
+
+        Same result as ``vmap(functional_call(self, ...))`` (a test checks it) with a
+        fraction of its per-call overhead. ``params`` are ``[P, *shape]``, ``obs`` is
+        ``[P, B, obs_dim]``.
+        """
+        act = torch.tanh if isinstance(self.actor[1], nn.Tanh) else torch.relu
+        outs = []
+        for tower in ("actor", "critic"):
+            linears = [i for i, m in enumerate(getattr(self, tower)) if isinstance(m, nn.Linear)]
+            h = obs
+            for j, i in enumerate(linears):
+                w, b = params[f"{tower}.{i}.weight"], params[f"{tower}.{i}.bias"]
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+                if j < len(linears) - 1:
+                    h = act(h)
+            outs.append(h)
+        return outs[0], outs[1].squeeze(-1)
+
     def init_gains(self) -> dict[str, float]:
         """Orthogonal-init gains (the CleanRL / purejaxrl choice): sqrt(2) for hidden
         layers, 0.01 for the policy head, 1 for the value head. Biases start at zero."""
@@ -114,9 +134,15 @@ def init_population(module: ActorCritic, keys: torch.Tensor) -> torch.Tensor:
 
 
 def population_forward(module: nn.Module, layout: FlatParams, flat: torch.Tensor,
-                       *inputs: torch.Tensor):
-    """Run ``module`` for every member: ``flat [P, D]``, inputs ``[P, B, ...]``."""
+                       *inputs: torch.Tensor, fused: bool = True):
+    """Run ``module`` for every member: ``flat [P, D]``, inputs ``[P, B, ...]``.
+
+    With ``fused`` and a module that has a ``batched`` method, that hand-batched forward is
+    used; otherwise ``torch.func.functional_call`` under ``torch.func.vmap``.
+    """
     params = layout.unflatten(flat)
+    if fused and hasattr(module, "batched"):
+        return module.batched(params, *inputs)
 
     def one(p, *x):
         return functional_call(module, p, x)

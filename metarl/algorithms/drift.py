@@ -139,6 +139,15 @@ class LPO(Drift):
     def network(self, ratio, advantage):
         return self.l2(torch.tanh(self.l1(lpo_features(ratio, advantage)))).squeeze(-1)
 
+    def population(self, meta_params, ratio, advantage, clip_eps=0.2):
+        # The vmap path of the base class, written as two batched matmuls (same numbers).
+        p = self.unflatten(meta_params)
+        x = lpo_features(ratio, advantage)  # [P, B, 8]
+        h = torch.tanh(torch.bmm(x, p["l1.weight"].transpose(1, 2)))
+        f = torch.bmm(h, p["l2.weight"].transpose(1, 2)).squeeze(-1)
+        ppo = ppo_clip_objective_drift(ratio, advantage, clip_eps)
+        return torch.relu(f - self.offset + torch.relu(ppo))
+
     def forward(self, ratio, advantage, clip_eps=0.2):
         ppo = ppo_clip_objective_drift(ratio, advantage, clip_eps)
         return torch.relu(self.network(ratio, advantage) - self.offset + torch.relu(ppo))

@@ -15,7 +15,9 @@ from metarl.envs.spec import EnvSpec
 @lru_cache(maxsize=1)
 def envpool_ids() -> frozenset[str]:
     try:
-        import envpool
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # gymnasium's float32 precision notices
+            import envpool
     except ImportError:  # pragma: no cover - envpool is a hard dependency on Linux
         return frozenset()
     return frozenset(envpool.list_all_envs())
@@ -38,7 +40,9 @@ def _make_pool(env_id: str, num_envs: int, env_seeds: list[int]):
 class EnvpoolEnv(VecEnv):
     def __init__(self, env_id: str, num_envs: int, env_seeds: list[int], device):
         pool = _make_pool(env_id, num_envs, env_seeds)
-        obs_space, act_space = pool.observation_space, pool.action_space
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obs_space, act_space = pool.observation_space, pool.action_space
         self._dict_obs = hasattr(obs_space, "spaces")
         if self._dict_obs:
             # MiniGrid: the egocentric image, flattened, and the direction as a one-hot.

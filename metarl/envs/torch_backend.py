@@ -42,11 +42,14 @@ class _TorchEnv(VecEnv):
     def _step(self, actions: torch.Tensor):
         # Environments that ended on the previous step reset now and ignore the action.
         resetting = self._done
-        self._resets += resetting.long()
-        fresh = self._initial_state()
         new_state, reward, terminated = self._dynamics(self.state, actions)
-        r = resetting.unsqueeze(1)
-        self.state = torch.where(r, fresh, new_state)
+        # On the CPU, checking for resets costs nothing and skips drawing fresh states on
+        # most steps; on an accelerator it would force a sync, so always draw there.
+        if self.device.type != "cpu" or bool(resetting.any()):
+            self._resets += resetting.long()
+            fresh = self._initial_state()
+            new_state = torch.where(resetting.unsqueeze(1), fresh, new_state)
+        self.state = new_state
         self._elapsed = torch.where(resetting, torch.zeros_like(self._elapsed), self._elapsed + 1)
         terminated = terminated & ~resetting
         truncated = (self._elapsed >= self.max_steps) & ~terminated

@@ -286,16 +286,19 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
         # ---- rollout -------------------------------------------------------------------
         with torch.no_grad():
             log_std = params[:, log_std_slice] if log_std_slice else None
+            # The whole rollout's action noise in one draw: [P, T, N, A].
+            k = rng.fold(keys, _S_ACTION, update)
+            if discrete:
+                noise = -torch.log(-torch.log(rng.uniform(k, (T, N, A))))  # Gumbel
+            else:
+                noise = rng.normal(k, (T, N, A))
             for t in range(T):
                 out, value = forward(params, obs)
-                k = rng.fold(keys, _S_ACTION, update, t)
                 if discrete:
-                    gumbel = -torch.log(-torch.log(rng.uniform(k, (N, A))))
-                    action = torch.argmax(out + gumbel, dim=-1)
+                    action = torch.argmax(out + noise[:, t], dim=-1)
                     env_action = action.reshape(P * N)
                 else:
-                    noise = rng.normal(k, (N, A))
-                    action = out + torch.exp(log_std).unsqueeze(1) * noise
+                    action = out + torch.exp(log_std).unsqueeze(1) * noise[:, t]
                     env_action = torch.nan_to_num(action.reshape(P * N, A))
                     if config.clip_action:
                         env_action = torch.maximum(torch.minimum(env_action, high), low)

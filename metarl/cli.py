@@ -1,0 +1,105 @@
+"""The ``metarl`` command. Each subcommand is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import fields
+
+from metarl.configs import PPOConfig
+
+SKIP_FIELDS = {"env_id"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`PPOConfig` field; unset flags keep the per-environment default."""
+    group = parser.add_argument_group("inner-loop configuration (defaults per environment)")
+    hints = typing.get_type_hints(PPOConfig)
+    for f in fields(PPOConfig):
+        if f.name in SKIP_FIELDS:
+            continue
+        tp = hints[f.name]
+        args = typing.get_args(tp)
+        base = next((a for a in args if a is not type(None)), tp) if args else tp
+        help_ = f.metadata.get("help", "")
+        if base is bool:
+            group.add_argument(_flag(f.name), dest=f.name, default=None,
+                               action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            group.add_argument(_flag(f.name), dest=f.name, default=None, type=base,
+                               metavar=base.__name__.upper(), help=help_)
+
+
+def config_overrides(ns: argparse.Namespace) -> dict:
+    return {f.name: getattr(ns, f.name) for f in fields(PPOConfig)
+            if f.name not in SKIP_FIELDS and getattr(ns, f.name, None) is not None}
+
+
+def _parse_count(text: str):
+    return text  # parsed by metarl.train.parse_seeds, which explains bad input
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from metarl import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="metarl", description="Meta-learn reinforcement-learning algorithms.")
+    parser.add_argument("--version", action="version", version=f"metarl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train PPO with a drift function on environments x seeds",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--algorithm", default="ppo-clip",
+                   help="drift function: ppo-clip, dpo or lpo (zero weights)")
+    p.add_argument("--envs", nargs="+", default=["CartPole-v1"], help="environment ids")
+    p.add_argument("--seeds", default="8", type=_parse_count,
+                   help="number of seeds (8 -> 0..7) or a comma-separated list (0,3,7)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/train-...)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_config_flags(p)
+
+    p = sub.add_parser("envs", help="list the environment ids and their backends")
+    p.add_argument("filter", nargs="?", default="", help="only ids containing this text")
+    return parser
+
+
+def cmd_train(ns) -> int:
+    from metarl.train import run_train
+
+    run_train(ns.algorithm, ns.envs, ns.seeds, out=ns.out, progress=not ns.no_progress,
+              **config_overrides(ns))
+    return 0
+
+
+def cmd_envs(ns) -> int:
+    from metarl.envs import list_envs
+
+    ids = {k: v for k, v in list_envs().items() if ns.filter.lower() in k.lower()}
+    width = max((len(k) for k in ids), default=10)
+    for env_id, backends in ids.items():
+        print(f"{env_id:<{width}}  {', '.join(backends)}")
+    print(f"\n{len(ids)} ids. backend 'auto' uses the first backend listed.", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    handler = {"train": cmd_train, "envs": cmd_envs}[ns.command]
+    try:
+        return handler(ns)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"metarl {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Run directories: the resolved configuration, metrics as JSONL, headline results.
+
+Every command that runs for long writes one directory holding ``config.json``,
+``metrics.jsonl`` (one JSON object per line, appended as the run goes), ``results.json``
+(the headline figures, for scripts) and ``summary.md`` (for people). JSON files are written
+atomically: a crash while writing leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def _jsonable(x):
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.tolist())
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """A run directory. ``log(**metrics)`` appends one line to ``metrics.jsonl``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.path / "metrics.jsonl", "a")
+
+    @staticmethod
+    def default_path(command: str, name: str) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"{command}-{name}-{stamp}"
+
+    def write_config(self, config: dict) -> None:
+        write_json_atomic(self.path / "config.json", config)
+
+    def log(self, **metrics) -> None:
+        metrics.setdefault("time", time.time())
+        self._metrics.write(json.dumps(_jsonable(metrics)) + "\n")
+        self._metrics.flush()
+
+    def write_results(self, results: dict) -> None:
+        write_json_atomic(self.path / "results.json", results)
+
+    def write_summary(self, text: str) -> None:
+        write_text_atomic(self.path / "summary.md", text)
+
+    def close(self) -> None:
+        self._metrics.close()
