@@ -48,6 +48,9 @@ class PPOConfig:
     backend: str = field(
         default="auto", metadata={"help": "environment backend: auto, envpool, torch, gymnasium"})
     device: str = field(default="cpu", metadata={"help": "torch device of agents and data"})
+    fused: bool = field(
+        default=True,
+        metadata={"help": "hand-batched actor-critic forward (off: vmap(functional_call))"})
     reference_return: float | None = field(
         default=None, metadata={"help": "PPO reference return used to normalise fitness"})
 

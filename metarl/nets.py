@@ -54,25 +54,27 @@ class ActorCritic(nn.Module):
     def forward(self, obs: torch.Tensor):
         return self.actor(obs), self.critic(obs).squeeze(-1)
 
-    def batched(self, params: dict[str, torch.Tensor], obs: torch.Tensor):
-        """The population forward written directly as batched matmuls (``baddbmm``).
+    def tower(self, name: str, params: dict[str, torch.Tensor], obs: torch.Tensor):
+        """One tower (``actor`` or ``critic``) for a population, as batched matmuls.
 
-        Same result as ``vmap(functional_call(self, ...))`` (a test checks it) with a
-        fraction of its per-call overhead. ``params`` are ``[P, *shape]``, ``obs`` is
-        ``[P, B, obs_dim]``.
+        ``params`` are ``[P, *shape]``, ``obs`` is ``[P, B, obs_dim]``; the result is the
+        same as ``vmap(functional_call(...))`` (a test checks it) at a fraction of its
+        per-call overhead.
         """
         act = torch.tanh if isinstance(self.actor[1], nn.Tanh) else torch.relu
-        outs = []
-        for tower in ("actor", "critic"):
-            linears = [i for i, m in enumerate(getattr(self, tower)) if isinstance(m, nn.Linear)]
-            h = obs
-            for j, i in enumerate(linears):
-                w, b = params[f"{tower}.{i}.weight"], params[f"{tower}.{i}.bias"]
-                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-                if j < len(linears) - 1:
-                    h = act(h)
-            outs.append(h)
-        return outs[0], outs[1].squeeze(-1)
+        seq = getattr(self, name)
+        linears = [i for i, m in enumerate(seq) if isinstance(m, nn.Linear)]
+        h = obs
+        for j, i in enumerate(linears):
+            w, b = params[f"{name}.{i}.weight"], params[f"{name}.{i}.bias"]
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if j < len(linears) - 1:
+                h = act(h)
+        return h
+
+    def batched(self, params: dict[str, torch.Tensor], obs: torch.Tensor):
+        """``forward`` for a population: ``(policy_out [P, B, A], value [P, B])``."""
+        return self.tower("actor", params, obs), self.tower("critic", params, obs).squeeze(-1)
 
     def init_gains(self) -> dict[str, float]:
         """Orthogonal-init gains (the CleanRL / purejaxrl choice): sqrt(2) for hidden
@@ -143,6 +145,23 @@ def population_forward(module: nn.Module, layout: FlatParams, flat: torch.Tensor
     params = layout.unflatten(flat)
     if fused and hasattr(module, "batched"):
         return module.batched(params, *inputs)
+    return vmap_forward(module, params, *inputs)
+
+
+def population_tower(module: ActorCritic, layout: FlatParams, flat: torch.Tensor,
+                     name: str, obs: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """One tower of the actor-critic for every member (``[P, B, out]``)."""
+    params = layout.unflatten(flat)
+    if fused:
+        return module.tower(name, params, obs)
+    sub = getattr(module, name)
+    prefix = name + "."
+    sub_params = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+    return vmap_forward(sub, sub_params, obs)
+
+
+def vmap_forward(module: nn.Module, params: dict[str, torch.Tensor], *inputs: torch.Tensor):
+    """``torch.func.functional_call`` of ``module`` under ``vmap`` over the leading dim."""
 
     def one(p, *x):
         return functional_call(module, p, x)

@@ -79,7 +79,7 @@ def test_torch_pendulum_matches_gymnasium_dynamics():
 def test_truncation_at_time_limit():
     env = envs.make("Pendulum-v1", 2, backend="torch")
     env.reset()
-    for t in range(200):
+    for _ in range(200):
         step = env.step(torch.zeros(2, 1))
     assert step.truncated.all() and not step.terminated.any()
     assert (step.episode_length == 200).all()

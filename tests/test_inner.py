@@ -1,11 +1,11 @@
 import pytest
 import torch
 
+from metarl import rng
 from metarl.algorithms.drift import LPO
 from metarl.configs import config_for
 from metarl.inner.ppo import _ppo_loss, train
 from metarl.nets import ActorCritic, FlatParams, init_population, population_forward
-from metarl import rng
 
 
 def test_population_equals_one_at_a_time(tiny_cartpole):

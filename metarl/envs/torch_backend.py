@@ -100,7 +100,7 @@ class Pendulum(_TorchEnv):
     """gymnasium Pendulum-v1: torque in [-2, 2], 200-step limit, never terminates."""
 
     max_steps = 200
-    max_speed, max_torque, dt, g, m, l = 8.0, 2.0, 0.05, 10.0, 1.0, 1.0
+    max_speed, max_torque, dt, g, m, length = 8.0, 2.0, 0.05, 10.0, 1.0, 1.0
 
     def __init__(self, num_envs: int, env_seeds: list[int], device):
         spec = EnvSpec("Pendulum-v1", "torch", (3,), action_shape=(1,), action_low=(-2.0,),
@@ -121,7 +121,7 @@ class Pendulum(_TorchEnv):
         norm_th = torch.remainder(th + math.pi, 2 * math.pi) - math.pi
         cost = norm_th**2 + 0.1 * thdot**2 + 0.001 * u**2
         thdot = thdot + (
-            3 * self.g / (2 * self.l) * torch.sin(th) + 3.0 / (self.m * self.l**2) * u
+            3 * self.g / (2 * self.length) * torch.sin(th) + 3.0 / (self.m * self.length**2) * u
         ) * self.dt
         thdot = thdot.clamp(-self.max_speed, self.max_speed)
         th = th + thdot * self.dt

@@ -29,7 +29,13 @@ from metarl.configs import PPOConfig
 from metarl.envs import check_env_id, env_seeds, make
 from metarl.envs.spec import EnvSpec
 from metarl.inner.normalize import ObsNormalizer, RewardNormalizer
-from metarl.nets import ActorCritic, FlatParams, init_population, population_forward
+from metarl.nets import (
+    ActorCritic,
+    FlatParams,
+    init_population,
+    population_forward,
+    population_tower,
+)
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -49,6 +55,7 @@ class TrainResult:
     - ``timesteps [U]``: environment steps per member at the end of each update.
     - ``failed [P]``: the member's loss or parameters became non-finite.
     - ``agent_params [P, D]``: final agent parameters (flat; see :class:`FlatParams`).
+    - ``timings``: seconds spent in rollouts (acting and stepping) and in PPO updates.
     """
 
     final_return: torch.Tensor
@@ -61,6 +68,7 @@ class TrainResult:
     wall_time: float
     env_steps: int
     agent_params: torch.Tensor = field(repr=False)
+    timings: dict = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -160,10 +168,7 @@ def resolve_population(drift: Drift, meta_params, seeds) -> tuple[torch.Tensor, 
         raise ValueError(
             f"meta_params must be [{n}] or [P, {n}], got shape {list(meta_params.shape)}"
         )
-    if not torch.isfinite(meta_params).all():
-        bad = (~torch.isfinite(meta_params).all(dim=1)).nonzero().flatten().tolist()
-        # Not an error: ES may ask for such a member; it is trained and reported as failed.
-        del bad
+    # Non-finite rows are not an error: such a member trains and is reported as failed.
     return meta_params, seeds
 
 
@@ -212,7 +217,7 @@ def train(
     drift = make_drift(drift) if isinstance(drift, str) else drift
     meta, seeds = resolve_population(drift, meta_params, seeds)
     check_env_id(config.env_id, config.backend)
-    P, N, T = len(seeds), config.num_envs, config.num_steps
+    P, N = len(seeds), config.num_envs
     device = torch.device(config.device)
 
     all_seeds = [s for seed in seeds for s in env_seeds(seed, N)]
@@ -254,18 +259,25 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
     rew_norm = RewardNormalizer(P, N, config.gamma, device) if config.normalize_reward else None
 
     def forward(flat, obs):
-        return population_forward(model, layout, flat, obs)
+        return population_forward(model, layout, flat, obs, fused=config.fused)
 
-    # Rollout storage, time first: [T, P, N, ...].
-    obs_buf = torch.zeros(T, P, N, spec.obs_dim, device=device)
-    act_buf = (torch.zeros(T, P, N, dtype=torch.long, device=device) if discrete
-               else torch.zeros(T, P, N, A, device=device))
-    logp_buf = torch.zeros(T, P, N, device=device)
-    val_buf = torch.zeros(T, P, N, device=device)
-    rew_buf = torch.zeros(T, P, N, device=device)
-    term_buf = torch.zeros(T, P, N, device=device)
-    done_buf = torch.zeros(T, P, N, device=device)
-    valid_buf = torch.zeros(T, P, N, device=device)
+    def actor(flat, obs):
+        return population_tower(model, layout, flat, "actor", obs, fused=config.fused)
+
+    def critic(flat, obs):
+        return population_tower(model, layout, flat, "critic", obs,
+                                fused=config.fused).squeeze(-1)
+
+    # Rollout storage, population first ([P, T, N, ...]) so that a member's batch is a
+    # view. Observations keep one more slot for the observation after the last step.
+    obs_buf = torch.zeros(P, T + 1, N, spec.obs_dim, device=device)
+    act_buf = (torch.zeros(P, T, N, dtype=torch.long, device=device) if discrete
+               else torch.zeros(P, T, N, A, device=device))
+    logp_buf = torch.zeros(P, T, N, device=device)
+    rew_buf = torch.zeros(P, T, N, device=device)
+    term_buf = torch.zeros(P, T, N, dtype=torch.bool, device=device)
+    done_buf = torch.zeros(P, T, N, dtype=torch.bool, device=device)
+    valid_buf = torch.zeros(P, T, N, dtype=torch.bool, device=device)
 
     # Episode statistics per member and environment.
     last_return = torch.full((P, N), float("nan"), device=device)
@@ -280,7 +292,9 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
 
         bar = tqdm(total=U, desc=f"{drift.name} on {spec.env_id} (P={P})", unit="update")
 
+    t_rollout = t_update = 0.0
     for update in range(U):
+        t0 = time.perf_counter()
         ep_sum = torch.zeros(P, N, device=device)
         ep_count = torch.zeros(P, N, device=device)
         # ---- rollout -------------------------------------------------------------------
@@ -293,7 +307,8 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
             else:
                 noise = rng.normal(k, (T, N, A))
             for t in range(T):
-                out, value = forward(params, obs)
+                # Only the actor acts; the critic runs once on the whole rollout below.
+                out = actor(params, obs)
                 if discrete:
                     action = torch.argmax(out + noise[:, t], dim=-1)
                     env_action = action.reshape(P * N)
@@ -306,32 +321,33 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
                 step = env.step(env_action)
                 reward = step.reward.reshape(P, N)
                 done = step.done.reshape(P, N)
-                obs_buf[t] = obs
-                act_buf[t] = action
-                logp_buf[t] = logp
-                val_buf[t] = value
-                term_buf[t] = step.terminated.reshape(P, N)
-                done_buf[t] = done
-                valid_buf[t] = step.valid.reshape(P, N)
-                rew_buf[t] = rew_norm(reward, done) if rew_norm else reward
+                obs_buf[:, t] = obs
+                act_buf[:, t] = action
+                logp_buf[:, t] = logp
+                term_buf[:, t] = step.terminated.reshape(P, N)
+                done_buf[:, t] = done
+                valid_buf[:, t] = step.valid.reshape(P, N)
+                rew_buf[:, t] = rew_norm(reward, done) if rew_norm else reward
                 ep_ret = step.episode_return.reshape(P, N)
                 ep_sum += ep_ret
                 ep_count += done
                 last_return = torch.where(done, ep_ret, last_return)
                 raw_obs = step.obs.reshape(P, N, -1)
                 obs = obs_norm(raw_obs) if obs_norm else raw_obs
-            _, last_value = forward(params, obs)
+            obs_buf[:, T] = obs
+            values = critic(params, obs_buf.view(P, (T + 1) * N, -1)).view(P, T + 1, N)
 
             # ---- GAE (next-step auto-reset: obs[t+1] is the final obs when done[t]) ----
-            adv_buf = torch.zeros_like(val_buf)
+            not_term = (~term_buf).float()
+            not_done = (~done_buf).float()
+            adv_buf = torch.zeros(P, T, N, device=device)
             adv = torch.zeros(P, N, device=device)
-            next_value = last_value
             g, gl = config.gamma, config.gamma * config.gae_lambda
             for t in range(T - 1, -1, -1):
-                delta = rew_buf[t] + g * next_value * (1.0 - term_buf[t]) - val_buf[t]
-                adv = delta + gl * (1.0 - done_buf[t]) * adv
-                adv_buf[t] = adv
-                next_value = val_buf[t]
+                delta = rew_buf[:, t] + g * values[:, t + 1] * not_term[:, t] - values[:, t]
+                adv = delta + gl * not_done[:, t] * adv
+                adv_buf[:, t] = adv
+            val_buf = values[:, :T]
             ret_buf = adv_buf + val_buf
 
             # Statistics of this update.
@@ -340,12 +356,14 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
                                   torch.where(torch.isnan(last_return), partial, last_return))
             curve[:, update] = per_env.mean(dim=1)
 
+        t1 = time.perf_counter()
+        t_rollout += t1 - t0
         # ---- PPO epochs ----------------------------------------------------------------
-        def flat(x):  # [T, P, N, ...] -> [P, T*N, ...]
-            return x.transpose(0, 1).reshape(P, B, *x.shape[3:])
+        def flat(x):  # [P, T, N, ...] -> [P, T*N, ...]
+            return x.reshape(P, B, *x.shape[3:])
 
-        batch = [flat(x) for x in (obs_buf, act_buf, logp_buf, val_buf, adv_buf, ret_buf,
-                                   valid_buf)]
+        batch = [flat(x) for x in (obs_buf[:, :T], act_buf, logp_buf, val_buf, adv_buf,
+                                   ret_buf, valid_buf.float())]
         losses = torch.zeros(P, device=device)
         for epoch in range(E):
             perm = rng.permutation(rng.fold(keys, _S_SHUFFLE, update, epoch), B)
@@ -365,6 +383,7 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
                              StepContext(update, U, epoch, E, mb, M))
                     losses += loss.detach()
         nonfinite |= ~torch.isfinite(losses)
+        t_update += time.perf_counter() - t1
         if callback is not None or bar is not None:
             stats = {"update": update, "timesteps": (update + 1) * B,
                      "returns": curve[:, update].detach().cpu(),
@@ -391,6 +410,7 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
         wall_time=time.perf_counter() - t_start,
         env_steps=P * U * B,
         agent_params=params.detach().cpu(),
+        timings={"rollout": t_rollout, "update": t_update},
     )
 
 

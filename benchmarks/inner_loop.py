@@ -1,0 +1,83 @@
+"""Throughput of population PPO on CartPole-v1 (the paper's configuration).
+
+For each population size P it trains P agents at once and reports agent-steps per second
+(environment steps summed over members, divided by wall time), then trains members of
+the same population one at a time in the same process (P = 1 calls of the same function)
+and reports the ratio. One-at-a-time throughput does not depend on how many members are
+run in sequence, so it is measured on ``--alone`` members and compared with every P.
+
+    python benchmarks/inner_loop.py                       # P = 1, 8, 64, envpool backend
+    python benchmarks/inner_loop.py --backend torch --ablate
+
+Ends with one JSON line of the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from metarl.configs import config_for
+from metarl.inner import train
+
+
+def rate(cfg, seeds, **kw):
+    t0 = time.perf_counter()
+    res = train(cfg, "ppo-clip", seeds=seeds, **kw)
+    wall = time.perf_counter() - t0
+    return res.env_steps / wall, res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1,8,64", help="population sizes")
+    ap.add_argument("--updates", type=int, default=6, help="PPO updates per measurement")
+    ap.add_argument("--alone", type=int, default=4, help="members trained one at a time")
+    ap.add_argument("--backend", default="envpool", help="environment backend")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also measure P=64 with vmap(functional_call) instead of the fused "
+                         "forward, and with the other environment backend")
+    args = ap.parse_args()
+
+    base = config_for("CartPole-v1", backend=args.backend, device=args.device)
+    cfg = base.replace(total_timesteps=base.batch_size * args.updates)
+    print(f"CartPole-v1, {cfg.num_envs} envs x {cfg.num_steps} steps per update, "
+          f"{cfg.update_epochs} epochs x {cfg.num_minibatches} minibatches, "
+          f"{args.updates} updates, backend {args.backend}, device {args.device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rate(cfg.replace(total_timesteps=cfg.batch_size), [0])  # warm-up
+
+    alone_rates = [rate(cfg, [1000 + i])[0] for i in range(args.alone)]
+    alone = sum(alone_rates) / len(alone_rates)
+    print(f"one at a time: {alone:,.0f} agent-steps/s (mean of {args.alone} members)")
+
+    headline = {"benchmark": "inner_loop", "backend": args.backend, "device": args.device,
+                "one_at_a_time_steps_per_s": round(alone)}
+    for p in [int(s) for s in args.sizes.split(",")]:
+        r, res = rate(cfg, list(range(p)))
+        t = res.timings
+        share = t["rollout"] / (t["rollout"] + t["update"])
+        print(f"P={p:>3}: {r:>10,.0f} agent-steps/s   {r / alone:6.1f}x one-at-a-time   "
+              f"(rollout {share:.0%} of loop time)")
+        headline[f"P{p}_steps_per_s"] = round(r)
+        headline[f"P{p}_ratio"] = round(r / alone, 2)
+        headline[f"P{p}_rollout_share"] = round(share, 3)
+
+    if args.ablate:
+        p = 64
+        r, _ = rate(cfg.replace(fused=False), list(range(p)))
+        print(f"P={p} with vmap(functional_call): {r:,.0f} agent-steps/s")
+        headline["P64_vmap_steps_per_s"] = round(r)
+        other = "torch" if args.backend == "envpool" else "envpool"
+        r, _ = rate(cfg.replace(backend=other), list(range(p)))
+        print(f"P={p} on the {other} backend: {r:,.0f} agent-steps/s")
+        headline[f"P64_{other}_steps_per_s"] = round(r)
+    print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+    main()
