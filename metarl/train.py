@@ -13,8 +13,8 @@ from pathlib import Path
 from metarl import __version__
 from metarl.algorithms.drift import make_drift
 from metarl.configs import config_for
-from metarl.envs import check_env_id
-from metarl.inner.ppo import TrainResult, check_config, train
+from metarl.envs import check_env_id, spec_of
+from metarl.inner.ppo import TrainResult, check_config, check_options, train
 from metarl.logging import RunDir
 
 
@@ -69,9 +69,11 @@ def run_train(
     # Check everything before any work starts.
     configs = {}
     for env_id in envs:
-        check_env_id(env_id, overrides.get("backend") or "auto")
+        backend = overrides.get("backend") or "auto"
+        check_env_id(env_id, backend)
         cfg = config_for(env_id, **overrides)
         check_config(cfg)
+        check_options(cfg, spec_of(env_id, backend))
         configs[env_id] = cfg
     run = RunDir(out or RunDir.default_path("train", algorithm))
     run.write_config({

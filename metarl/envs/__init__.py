@@ -18,7 +18,8 @@ from metarl.envs.gym_backend import GymnasiumEnv, gymnasium_ids
 from metarl.envs.spec import EnvSpec
 from metarl.envs.torch_backend import TORCH_ENVS
 
-__all__ = ["make", "list_envs", "backends_for", "env_seeds", "EnvSpec", "Step", "VecEnv"]
+__all__ = ["make", "list_envs", "backends_for", "env_seeds", "spec_of", "EnvSpec", "Step",
+           "VecEnv"]
 
 BACKENDS = ("auto", "envpool", "torch", "gymnasium")
 # The order "auto" tries backends in.
@@ -113,3 +114,12 @@ def make(
     if chosen == "torch":
         return TORCH_ENVS[env_id](num_envs, seeds, device)
     return GymnasiumEnv(env_id, num_envs, seeds, device)
+
+
+def spec_of(env_id: str, backend: str = "auto") -> EnvSpec:
+    """The :class:`EnvSpec` of ``env_id`` (from a one-environment instance)."""
+    env = make(env_id, 1, backend=backend)
+    try:
+        return env.spec
+    finally:
+        env.close()

@@ -79,12 +79,13 @@ class VecEnv:
         valid = ~self._prev_done
         reward = reward * valid
         self._ep_return += reward
-        self._ep_length += valid.long()
+        self._ep_length += valid
         done = terminated | truncated
-        ep_ret = torch.where(done, self._ep_return, torch.zeros_like(self._ep_return))
-        ep_len = torch.where(done, self._ep_length, torch.zeros_like(self._ep_length))
-        self._ep_return = torch.where(done, torch.zeros_like(self._ep_return), self._ep_return)
-        self._ep_length = torch.where(done, torch.zeros_like(self._ep_length), self._ep_length)
+        ep_ret = self._ep_return * done
+        ep_len = self._ep_length * done
+        not_done = ~done
+        self._ep_return *= not_done
+        self._ep_length *= not_done
         self._prev_done = done
         return Step(obs, reward, terminated, truncated, valid, ep_ret, ep_len)
 

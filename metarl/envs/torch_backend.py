@@ -19,41 +19,59 @@ from metarl.envs.spec import EnvSpec
 
 class _TorchEnv(VecEnv):
     max_steps: int
+    #: reset states drawn ahead per environment (one draw serves this many resets)
+    block = 32
 
     def __init__(self, spec: EnvSpec, num_envs: int, env_seeds: list[int], device):
         super().__init__(spec, num_envs, device)
         self._keys = rng.seed_keys(env_seeds, device=self.device)
+        self._env_index = torch.arange(num_envs, device=self.device)
         self._resets = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
         self._elapsed = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
         self._done = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
-        self.state = self._initial_state()
+        self._draw_block(torch.zeros(num_envs, dtype=torch.int64, device=self.device))
+        self.state = self._next_initial()
 
-    def _uniform(self, low: float, high: float, dim: int) -> torch.Tensor:
-        keys = rng.fold_tensor(self._keys, self._resets)
+    def _draw_block(self, start: torch.Tensor) -> None:
+        """Draw the initial states of resets ``start .. start + block - 1`` of every env.
+
+        The r-th initial state of an environment is a function of its key and r only, so
+        drawing ahead in blocks changes nothing but the cost (one draw per ``block``
+        resets instead of one per step)."""
+        r = start.unsqueeze(1) + torch.arange(self.block, device=self.device)  # [N, K]
+        keys = rng.fold_tensor(self._keys.unsqueeze(1).expand_as(r), r)
+        self._block_start = start
+        self._block_states = self._initial_state(keys)  # [N, K, state_dim]
+
+    def _next_initial(self) -> torch.Tensor:
+        """Initial states for each environment's current reset count ``[N, state_dim]``."""
+        offset = self._resets - self._block_start
+        if bool((offset >= self.block).any()):
+            self._draw_block(self._resets.clone())
+            offset = self._resets - self._block_start
+        return self._block_states[self._env_index, offset]
+
+    def _uniform(self, keys: torch.Tensor, low: float, high: float, dim: int) -> torch.Tensor:
         return low + (high - low) * rng.uniform(keys, (dim,))
 
     def _reset(self) -> torch.Tensor:
         self._resets.zero_()
         self._elapsed.zero_()
         self._done.zero_()
-        self.state = self._initial_state()
+        self._draw_block(self._resets.clone())
+        self.state = self._next_initial()
         return self._observe(self.state)
 
     def _step(self, actions: torch.Tensor):
         # Environments that ended on the previous step reset now and ignore the action.
         resetting = self._done
         new_state, reward, terminated = self._dynamics(self.state, actions)
-        # On the CPU, checking for resets costs nothing and skips drawing fresh states on
-        # most steps; on an accelerator it would force a sync, so always draw there.
-        if self.device.type != "cpu" or bool(resetting.any()):
-            self._resets += resetting.long()
-            fresh = self._initial_state()
-            new_state = torch.where(resetting.unsqueeze(1), fresh, new_state)
-        self.state = new_state
-        self._elapsed = torch.where(resetting, torch.zeros_like(self._elapsed), self._elapsed + 1)
+        self._resets += resetting
+        self.state = torch.where(resetting.unsqueeze(1), self._next_initial(), new_state)
+        self._elapsed = torch.where(resetting, 0, self._elapsed + 1)
         terminated = terminated & ~resetting
         truncated = (self._elapsed >= self.max_steps) & ~terminated
-        reward = torch.where(resetting, torch.zeros_like(reward), reward)
+        reward = torch.where(resetting, 0.0, reward)
         self._done = terminated | truncated
         return self._observe(self.state), reward, terminated, truncated
 
@@ -70,8 +88,8 @@ class CartPole(_TorchEnv):
         spec = EnvSpec("CartPole-v1", "torch", (4,), num_actions=2, max_episode_steps=500)
         super().__init__(spec, num_envs, env_seeds, device)
 
-    def _initial_state(self) -> torch.Tensor:
-        return self._uniform(-0.05, 0.05, 4)
+    def _initial_state(self, keys: torch.Tensor) -> torch.Tensor:
+        return self._uniform(keys, -0.05, 0.05, 4)
 
     def _observe(self, state):
         return state
@@ -107,9 +125,9 @@ class Pendulum(_TorchEnv):
                        action_high=(2.0,), max_episode_steps=200)
         super().__init__(spec, num_envs, env_seeds, device)
 
-    def _initial_state(self) -> torch.Tensor:
-        u = self._uniform(-1.0, 1.0, 2)
-        return torch.stack([u[:, 0] * math.pi, u[:, 1]], dim=1)
+    def _initial_state(self, keys: torch.Tensor) -> torch.Tensor:
+        u = self._uniform(keys, -1.0, 1.0, 2)
+        return torch.stack([u[..., 0] * math.pi, u[..., 1]], dim=-1)
 
     def _observe(self, state):
         th, thdot = state.unbind(1)

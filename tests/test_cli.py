@@ -1,0 +1,73 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from metarl.cli import main
+from metarl.train import parse_seeds
+
+TINY = ["--total-timesteps", "256", "--num-steps", "32", "--backend", "torch", "--no-progress"]
+
+
+def test_train_writes_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--algorithm", "dpo", "--envs", "CartPole-v1", "--seeds", "3",
+                 "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "mean ± s.e." in printed and "| 2 |" in printed
+    for name in ("config.json", "metrics.jsonl", "results.json", "summary.md"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    env = results["envs"]["CartPole-v1"]
+    assert len(env["final_return"]) == 3 and env["mean"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["envs"]["CartPole-v1"]["total_timesteps"] == 256
+    assert config["envs"]["CartPole-v1"]["lr"] == 1e-3  # the paper's CartPole row
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[-1])["update"] == 1
+
+
+def test_flags_override_config(tmp_path):
+    out = tmp_path / "run"
+    main(["train", "--envs", "CartPole-v1", "--seeds", "0,5", "--lr", "0.0005",
+          "--num-envs", "2", "--no-anneal-lr", "--out", str(out), *TINY])
+    config = json.loads((out / "config.json").read_text())
+    cfg = config["envs"]["CartPole-v1"]
+    assert cfg["lr"] == 0.0005 and cfg["num_envs"] == 2 and cfg["anneal_lr"] is False
+    assert config["seeds"] == [0, 5]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--envs", "CartPol-v1"], "Closest known ids: CartPole-v1"),
+    (["--algorithm", "clip"], "choose one of ppo-clip, dpo, lpo"),
+    (["--total-timesteps", "0"], "total_timesteps must be a positive integer"),
+    (["--total-timesteps", "-100"], "total_timesteps must be a positive integer"),
+    (["--normalize-obs"], "continuous-control option"),
+    (["--seeds", "0"], "--seeds must be a positive count"),
+    (["--seeds", "a,b"], "comma-separated integers"),
+])
+def test_bad_input_fails_with_a_message(tmp_path, capsys, args, message):
+    code = main(["train", "--out", str(tmp_path / "r"), "--no-progress", "--backend", "torch",
+                 "--total-timesteps", "512", *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_envs_lists_ids(capsys):
+    assert main(["envs", "CartPole"]) == 0
+    out = capsys.readouterr().out
+    assert "CartPole-v1" in out and "envpool, torch, gymnasium" in out
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "metarl.cli", "train", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--total-timesteps" in out and "--algorithm" in out
+
+
+def test_parse_seeds():
+    assert parse_seeds("8") == list(range(8))
+    assert parse_seeds("3,5") == [3, 5]
+    assert parse_seeds(2) == [0, 1]
