@@ -3,7 +3,9 @@
 A population of P agents is one ``nn.Module`` (the architecture) and one flat parameter
 tensor ``[P, D]``. :class:`FlatParams` maps the flat tensor to the module's named
 parameters (views ``[P, *shape]``), and :func:`population_forward` runs the module for every
-member at once through ``torch.func.functional_call`` under ``torch.func.vmap``. Keeping the
+member at once: through the module's hand-batched ``batched`` method where it has one (the
+actor-critic does), otherwise through ``torch.func.functional_call`` under
+``torch.func.vmap``. Keeping the
 parameters flat makes the optimiser, gradient clipping and checkpoints single tensor
 operations over the population.
 """

@@ -67,14 +67,21 @@ def _unknown(env_id: str) -> ValueError:
     )
 
 
-def check_env_id(env_id: str, backend: str = "auto") -> str:
-    """Return the backend that will serve ``env_id``, or raise a helpful ValueError."""
+def check_env_id(env_id: str, backend: str = "auto", device="cpu") -> str:
+    """Return the backend that will serve ``env_id``, or raise a helpful ValueError.
+
+    ``"auto"`` takes envpool when it has the id, except on an accelerator, where a
+    torch-native environment (which steps on the device, without a host round trip) is
+    preferred when there is one.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     found = backends_for(env_id)
     if not found:
         raise _unknown(env_id)
     if backend == "auto":
+        if torch.device(device).type != "cpu" and "torch" in found:
+            return "torch"
         return found[0]
     if backend not in found:
         raise ValueError(
@@ -99,12 +106,13 @@ def make(
         num_envs: number of parallel environments (positive).
         seed: seeds the environments through :func:`env_seeds` unless ``seeds`` is given.
         device: where observations, rewards and flags are returned.
-        backend: ``"auto"`` (envpool, then torch-native, then gymnasium), or one of them.
+        backend: ``"auto"`` (envpool, then torch-native, then gymnasium; torch-native first
+            on an accelerator), or one of them.
         seeds: one seed per environment, overriding ``seed``.
     """
     if not isinstance(num_envs, int) or num_envs <= 0:
         raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-    chosen = check_env_id(env_id, backend)
+    chosen = check_env_id(env_id, backend, device)
     if seeds is None:
         seeds = env_seeds(seed, num_envs)
     if len(seeds) != num_envs:

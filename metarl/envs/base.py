@@ -108,7 +108,7 @@ class VecEnv:
             if tuple(actions.shape) != expected or not actions.dtype.is_floating_point:
                 raise ValueError(
                     f"{spec.env_id}: expected float actions of shape {expected} "
-                    f"(continuous actions in [{spec.action_low}, {spec.action_high}]), got "
+                    f"(low {list(spec.action_low)}, high {list(spec.action_high)}), got "
                     f"{tuple(actions.shape)} {actions.dtype}"
                 )
 

@@ -1,16 +1,19 @@
 """Population PPO: train P agents at once, each with its own drift function.
 
 ``train(config, drift, meta_params, seeds) -> TrainResult`` is a pure function of its
-inputs. Every tensor carries the population dimension first; the actor-critic runs through
-``torch.func.functional_call`` under ``torch.func.vmap``; all ``P x N`` environments step in
-one call; the optimiser updates the flat ``[P, D]`` parameters in one operation. Randomness
+inputs. Every tensor carries the population dimension first; the actor-critic runs for the
+whole population at once (a hand-batched ``baddbmm`` forward by default, or
+``torch.func.functional_call`` under ``torch.func.vmap`` with ``config.fused=False``; a test
+checks they agree); all ``P x N`` environments step in one call; the optimiser updates the
+flat ``[P, D]`` parameters in one operation. Randomness
 comes from :mod:`metarl.rng` keyed by each member's seed, so member ``i`` of a population
 gets the same numbers as the same member trained alone.
 
 The PPO details follow purejaxrl (which LPO, OPEN and the paper's code build on): GAE,
 per-minibatch advantage normalisation, clipped value loss, entropy bonus, global gradient
 clipping, Adam with a linear learning-rate anneal, epochs over shuffled minibatches.
-Transitions from envpool's auto-reset step are masked out of every loss and statistic.
+Transitions from the auto-reset step (every backend follows envpool's next-step reset) are
+masked out of the losses, the advantage normalisation and the episode statistics.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ class TrainResult:
       last update, averaged over the member's environments (an environment with no episode
       ending then contributes its most recent finished episode, or if none has finished,
       its current episode's return so far). NaN for a failed member.
-    - ``curve [P, U]``: the same measure after each of the ``U`` updates.
+    - ``curve [P, U]``: the same measure for each of the ``U`` updates, taken from that
+      update's rollout (before its gradient steps): ``curve[:, 0]`` precedes any learning
+      and ``curve[:, -1]`` is ``final_return``, as purejaxrl and the paper measure it.
     - ``timesteps [U]``: environment steps per member at the end of each update.
     - ``failed [P]``: the member's loss or parameters became non-finite.
     - ``agent_params [P, D]``: final agent parameters (flat; see :class:`FlatParams`).
