@@ -1,0 +1,1 @@
+"""Meta-learning methods: how a learned algorithm is found."""
