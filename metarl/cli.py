@@ -63,6 +63,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_config_flags(p)
 
+    p = sub.add_parser("meta-train", help="meta-learn an algorithm with an evolution strategy",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("algorithm", help="the learned algorithm to meta-train: lpo")
+    p.add_argument("--es", dest="strategy", default="openai-es",
+                   help="evolution strategy: openai-es or cma-es")
+    p.add_argument("--envs", nargs="*", default=["CartPole-v1"],
+                   help="meta-training environment ids (fitness is reference-normalised and "
+                        "averaged over several)")
+    p.add_argument("--generations", type=int, default=100)
+    p.add_argument("--popsize", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=8,
+                   help="evaluate the strategy's mean every this many generations")
+    p.add_argument("--eval-seeds", type=int, default=8, help="seeds per evaluation")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="initial noise scale (default: the strategy's, 0.03)")
+    p.add_argument("--meta-lr", dest="meta_lr", type=float, default=None,
+                   help="openai-es learning rate (default 0.03)")
+    p.add_argument("--wandb", default="offline", choices=["offline", "online", "off"],
+                   help="Weights & Biases logging (offline needs no account)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/meta-train-...)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_config_flags(p)
+
+    p = sub.add_parser("evaluate", help="train algorithms on environments x seeds; compare",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("algorithms", nargs="+",
+                   help="artifact files or handcrafted names (ppo-clip, dpo, lpo)")
+    p.add_argument("--envs", nargs="*", default=["CartPole-v1"], help="environment ids")
+    p.add_argument("--seeds", default="8", help="number of seeds or a comma-separated list")
+    p.add_argument("--meta-train-envs", nargs="*", default=None,
+                   help="the in-distribution environments (default: from the artifacts)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/evaluate-...)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_config_flags(p)
+
+    p = sub.add_parser("show", help="print an artifact: family, representation, provenance")
+    p.add_argument("artifact", help="an artifact file or a handcrafted name")
+
     p = sub.add_parser("envs", help="list the environment ids and their backends")
     p.add_argument("filter", nargs="?", default="", help="only ids containing this text")
     return parser
@@ -73,6 +113,32 @@ def cmd_train(ns) -> int:
 
     run_train(ns.algorithm, ns.envs, ns.seeds, out=ns.out, progress=not ns.no_progress,
               **config_overrides(ns))
+    return 0
+
+
+def cmd_meta_train(ns) -> int:
+    from metarl.meta.evolve import EvolveConfig, meta_train
+
+    cfg = EvolveConfig(algorithm=ns.algorithm, strategy=ns.strategy, envs=list(ns.envs),
+                       generations=ns.generations, popsize=ns.popsize, seed=ns.seed,
+                       eval_every=ns.eval_every, eval_seeds=ns.eval_seeds, sigma=ns.sigma,
+                       lr=ns.meta_lr, inner=config_overrides(ns), wandb=ns.wandb)
+    meta_train(cfg, out=ns.out, resume=ns.resume, progress=not ns.no_progress)
+    return 0
+
+
+def cmd_evaluate(ns) -> int:
+    from metarl.evaluate import evaluate
+
+    evaluate(ns.algorithms, list(ns.envs), ns.seeds, meta_train_envs=ns.meta_train_envs,
+             out=ns.out, progress=not ns.no_progress, **config_overrides(ns))
+    return 0
+
+
+def cmd_show(ns) -> int:
+    from metarl.artifact import load
+
+    print(load(ns.artifact).describe())
     return 0
 
 
@@ -90,7 +156,8 @@ def cmd_envs(ns) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    handler = {"train": cmd_train, "envs": cmd_envs}[ns.command]
+    handler = {"train": cmd_train, "meta-train": cmd_meta_train, "evaluate": cmd_evaluate,
+               "show": cmd_show, "envs": cmd_envs}[ns.command]
     try:
         return handler(ns)
     except (ValueError, FileNotFoundError, TypeError) as e:

@@ -1,0 +1,130 @@
+"""Artifacts: a learned algorithm on disk, with where it came from.
+
+Every meta-learning method writes one, every evaluation reads one. An artifact holds
+
+- ``family``: the slot it fills (``drift`` today; ``optim`` and ``lpg`` later),
+- ``representation``: how the algorithm is written down. ``{"kind": "network", "member":
+  "lpo", "params": Tensor[n], ...}`` for a network; ``{"kind": "handcrafted", "member":
+  "ppo-clip"}`` for a handcrafted member (symbolic expressions and code come with the
+  methods that produce them),
+- ``provenance``: the method and its settings, meta-training environments, environment
+  steps and wall time spent finding it, seed, metarl version, creation time.
+
+Files are ``torch.save`` dictionaries read back with ``weights_only=True`` (no code runs on
+load). Handcrafted members are addressable by name (``ppo-clip``, ``dpo``, ``lpo``)
+wherever an artifact is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from metarl import __version__
+from metarl.algorithms.drift import DRIFTS, Drift, make_drift
+
+FORMAT = "metarl-artifact"
+FORMAT_VERSION = 1
+HANDCRAFTED = {"ppo-clip": "drift", "dpo": "drift", "lpo": "drift"}
+
+
+@dataclass
+class Artifact:
+    family: str
+    representation: dict
+    provenance: dict = field(default_factory=dict)
+    name: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.representation["kind"]
+
+    def build(self) -> tuple[Drift, torch.Tensor]:
+        """The family member and its meta-parameters ``[n]``, ready for the inner loop."""
+        if self.family != "drift":
+            raise ValueError(f"artifact family {self.family!r} is not supported by this "
+                             f"version of metarl (supported: drift)")
+        member = make_drift(self.representation["member"])
+        if self.kind == "handcrafted":
+            return member, member.flat_params()
+        if self.kind == "network":
+            params = torch.as_tensor(self.representation["params"], dtype=torch.float32)
+            if params.shape != (member.num_meta_params,):
+                raise ValueError(
+                    f"artifact {self.name!r}: {self.representation['member']} expects "
+                    f"{member.num_meta_params} parameters, the file has {tuple(params.shape)}"
+                )
+            return member, params
+        raise ValueError(f"artifact {self.name!r}: unknown representation {self.kind!r}")
+
+    def describe(self) -> str:
+        rep = self.representation
+        lines = [f"artifact: {self.name}", f"family: {self.family}",
+                 f"representation: {rep['kind']} ({rep.get('member', '')})"]
+        if rep["kind"] == "network":
+            p = torch.as_tensor(rep["params"])
+            lines.append(f"parameters: {p.numel()} (norm {float(p.norm()):.4g}, "
+                         f"max |w| {float(p.abs().max()) if p.numel() else 0:.4g})")
+        if self.provenance:
+            lines.append("provenance:")
+            for k, v in self.provenance.items():
+                lines.append(f"  {k}: {v}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "family": self.family,
+                "name": self.name, "representation": self.representation,
+                "provenance": self.provenance}
+
+
+def network_artifact(member: str, params: torch.Tensor, provenance: dict,
+                     name: str = "") -> Artifact:
+    prov = {"metarl_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance}
+    return Artifact("drift", {"kind": "network", "member": member,
+                              "params": params.detach().cpu().float().clone()},
+                    prov, name or member)
+
+
+def save(artifact: Artifact, path: str | os.PathLike) -> Path:
+    """Write ``artifact`` to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(artifact.to_dict(), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path_or_name: str | os.PathLike) -> Artifact:
+    """An artifact from a file, or a handcrafted member by name."""
+    key = str(path_or_name)
+    if key in HANDCRAFTED and not Path(key).exists():
+        return Artifact(HANDCRAFTED[key], {"kind": "handcrafted", "member": key},
+                        {"method": "handcrafted"}, key)
+    path = Path(key)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no artifact at {key!r}; give an artifact file (.pt) or a handcrafted name: "
+            f"{', '.join(HANDCRAFTED)}"
+        )
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(f"{key} is not a metarl artifact (it could not be read: "
+                         f"{type(e).__name__})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise ValueError(f"{key} is not a metarl artifact (no '{FORMAT}' header)")
+    if int(d.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(
+            f"{key} was written by a newer metarl (artifact format {d['format_version']}, this "
+            f"version reads up to {FORMAT_VERSION}); upgrade metarl to read it"
+        )
+    rep = d.get("representation") or {}
+    if rep.get("kind") == "network" and rep.get("member") not in DRIFTS:
+        raise ValueError(f"{key}: unknown member {rep.get('member')!r}")
+    return Artifact(d["family"], rep, d.get("provenance", {}), d.get("name") or path.stem)

@@ -1,0 +1,169 @@
+"""``metarl evaluate``: algorithms x environments x seeds -> a table and learning curves.
+
+Each algorithm (an artifact file or a handcrafted name) trains a population of agents, one
+per seed, on each environment through the same inner loop. The table reports raw and
+reference-normalised final returns (mean and standard error over seeds), split into the
+environments the algorithm was meta-trained on (in distribution) and the others
+(generalisation), with what each algorithm cost to find (from its provenance).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from metarl import __version__
+from metarl.artifact import load
+from metarl.configs import config_for
+from metarl.envs import check_env_id, spec_of
+from metarl.inner.ppo import check_config, check_options, train
+from metarl.logging import RunDir
+from metarl.train import parse_seeds
+
+
+def _stats(x: torch.Tensor) -> tuple[float, float]:
+    x = x[torch.isfinite(x)]
+    if x.numel() == 0:
+        return float("nan"), float("nan")
+    se = float(x.std(unbiased=True) / math.sqrt(x.numel())) if x.numel() > 1 else 0.0
+    return float(x.mean()), se
+
+
+def evaluate(algorithms: list[str], envs: list[str], seeds=8,
+             meta_train_envs: list[str] | None = None, out: str | Path | None = None,
+             progress: bool = True, echo=print, **overrides) -> dict:
+    """Train every algorithm on every environment for every seed; write the run directory.
+
+    ``meta_train_envs`` marks the in-distribution columns; by default it is read from the
+    artifacts' provenance. ``overrides`` are inner-loop configuration fields.
+    """
+    if not algorithms:
+        raise ValueError("name at least one algorithm: an artifact file or ppo-clip, dpo, lpo")
+    if not envs:
+        raise ValueError("--envs is empty: name at least one environment (see `metarl envs`)")
+    seeds = parse_seeds(seeds)
+    arts = [load(a) for a in algorithms]  # fails early on unreadable artifacts
+    configs = {}
+    for env_id in envs:
+        backend = overrides.get("backend") or "auto"
+        check_env_id(env_id, backend)
+        c = config_for(env_id, **overrides)
+        check_config(c)
+        configs[env_id] = check_options(c, spec_of(env_id, backend))
+    if meta_train_envs is None:
+        meta_train_envs = sorted({e for a in arts
+                                  for e in a.provenance.get("meta_train_envs", [])})
+    in_dist = [e for e in envs if e in meta_train_envs]
+    general = [e for e in envs if e not in meta_train_envs]
+
+    run = RunDir(out or RunDir.default_path("evaluate", "-".join(a.name for a in arts)[:60]))
+    run.write_config({"command": "evaluate", "version": __version__, "algorithms": algorithms,
+                      "envs": envs, "seeds": seeds, "meta_train_envs": meta_train_envs,
+                      "inner": {e: c.to_dict() for e, c in configs.items()}})
+    rows, curves = [], {}
+    t0 = time.perf_counter()
+    try:
+        for art, spec in zip(arts, algorithms):
+            drift, params = art.build()
+            row = {"algorithm": art.name, "source": spec, "kind": art.kind,
+                   "method": art.provenance.get("method", ""),
+                   "find_env_steps": art.provenance.get("env_steps", 0),
+                   "find_wall_time": art.provenance.get("wall_time", 0.0), "envs": {}}
+            for env_id, c in configs.items():
+                res = train(c, drift, params, seeds, progress=progress)
+                mean, se = _stats(res.final_return)
+                ref = c.reference_return
+                nmean, nse = ((mean / ref, se / ref) if ref else (None, None))
+                row["envs"][env_id] = {"final_return": res.final_return, "mean": mean,
+                                       "stderr": se, "normalized_mean": nmean,
+                                       "normalized_stderr": nse,
+                                       "in_distribution": env_id in meta_train_envs,
+                                       "failed": int(res.failed.sum())}
+                curves[(art.name, env_id)] = (res.timesteps, res.curve)
+                run.log(algorithm=art.name, env=env_id, mean=mean, stderr=se,
+                        final_return=res.final_return)
+            rows.append(row)
+        table = _markdown(rows, in_dist, general)
+        run.write_summary(f"# metarl evaluate\n\nseeds {seeds}; meta-training environments: "
+                          f"{', '.join(meta_train_envs) or 'none'}\n\n{table}\n")
+        (run.path / "table.md").write_text(table + "\n")
+        _csv(run.path / "table.csv", rows)
+        _plot(run.path / "curves.png", curves, envs)
+        results = {"algorithms": rows, "envs": envs, "seeds": seeds,
+                   "meta_train_envs": meta_train_envs,
+                   "wall_time": time.perf_counter() - t0}
+        run.write_results(results)
+    finally:
+        run.close()
+    echo(table)
+    echo(f"\nrun directory: {run.path}")
+    results["out"] = str(run.path)
+    return results
+
+
+def _cell(e: dict) -> str:
+    if not math.isfinite(e["mean"]):
+        return "failed"
+    s = f"{e['mean']:.1f} ± {e['stderr']:.1f}"
+    if e["normalized_mean"] is not None:
+        s += f" ({e['normalized_mean']:.2f})"
+    return s
+
+
+def _markdown(rows, in_dist, general) -> str:
+    cols = [f"{e} (in dist.)" for e in in_dist] + [f"{e} (generalisation)" for e in general]
+    head = "| algorithm | " + " | ".join(cols) + " | env steps to find | time to find |"
+    lines = [head, "|---|" + "---:|" * (len(cols) + 2)]
+    for r in rows:
+        cells = [_cell(r["envs"][e]) for e in in_dist + general]
+        lines.append(f"| {r['algorithm']} | " + " | ".join(cells)
+                     + f" | {r['find_env_steps']:,} | {r['find_wall_time']:.0f} s |")
+    lines.append("")
+    lines.append("Final return, mean ± standard error over seeds; in parentheses, divided by the "
+                 "environment's PPO reference return.")
+    return "\n".join(lines)
+
+
+def _csv(path: Path, rows) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["algorithm", "env", "in_distribution", "mean", "stderr", "normalized_mean",
+                    "normalized_stderr", "failed", "find_env_steps", "find_wall_time"])
+        for r in rows:
+            for env_id, e in r["envs"].items():
+                w.writerow([r["algorithm"], env_id, e["in_distribution"], e["mean"], e["stderr"],
+                            e["normalized_mean"], e["normalized_stderr"], e["failed"],
+                            r["find_env_steps"], r["find_wall_time"]])
+
+
+def _plot(path: Path, curves: dict, envs: list[str]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no curves.png", stacklevel=2)
+        return
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.6), squeeze=False)
+    for ax, env_id in zip(axes[0], envs):
+        for (name, e), (steps, curve) in curves.items():
+            if e != env_id:
+                continue
+            mean = curve.nanmean(0)
+            n = torch.isfinite(curve).sum(0).clamp(min=1)
+            se = torch.nan_to_num(curve.std(0)) / n.sqrt()
+            ax.plot(steps, mean, label=name)
+            ax.fill_between(steps, mean - se, mean + se, alpha=0.2)
+        ax.set_title(env_id)
+        ax.set_xlabel("environment steps per agent")
+        ax.set_ylabel("return")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

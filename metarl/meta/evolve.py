@@ -1,0 +1,349 @@
+"""Meta-training by evolution: ``metarl meta-train``.
+
+Each generation: ask the strategy for a population of meta-parameters, train one agent per
+member on every meta-training environment with the vectorised inner loop (all members
+share the generation's seed), score each member as the paper does, tell the strategy.
+Every ``eval_every`` generations the strategy's mean is evaluated on fixed seeds and the
+best so far is kept as an artifact. After every generation a checkpoint is written
+atomically; ``resume=True`` continues from it and ends with the same numbers as a run
+that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from metarl import __version__, rng
+from metarl.algorithms.drift import DRIFTS, make_drift
+from metarl.artifact import network_artifact, save
+from metarl.configs import PPOConfig, config_for
+from metarl.envs import check_env_id, spec_of
+from metarl.inner.ppo import check_config, check_options, train
+from metarl.logging import RunDir, write_json_atomic
+from metarl.meta.es import STRATEGIES, make_strategy
+
+#: the fitness given to a member whose training produced NaN or failed (the paper's -10000
+#: for invalid LLM proposals; far below any reference-normalised or raw return here)
+FAILED_FITNESS = -10_000.0
+LEARNED_FAMILIES = {"lpo": "drift"}
+
+
+@dataclass
+class EvolveConfig:
+    """Configuration of a meta-training run. Every field is a ``metarl meta-train`` flag."""
+
+    algorithm: str = "lpo"
+    strategy: str = "openai-es"
+    envs: list[str] = field(default_factory=lambda: ["CartPole-v1"])
+    generations: int = 100
+    popsize: int = 64
+    seed: int = 0
+    eval_every: int = 8
+    eval_seeds: int = 8
+    sigma: float | None = None  # strategy default when None
+    lr: float | None = None  # openai-es meta learning rate; strategy default when None
+    inner: dict = field(default_factory=dict)  # PPOConfig overrides for every environment
+    wandb: str = "offline"  # offline | online | off
+
+    def fingerprint(self) -> str:
+        """What a resumed run must share with the run that wrote the checkpoint."""
+        d = dataclasses.asdict(self)
+        d.pop("wandb")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_evolve_config(cfg: EvolveConfig) -> dict[str, PPOConfig]:
+    """Refuse bad input before any work starts; return the inner config per environment."""
+    if cfg.algorithm not in LEARNED_FAMILIES:
+        hand = [n for n in DRIFTS if n not in LEARNED_FAMILIES]
+        raise ValueError(
+            f"cannot meta-train {cfg.algorithm!r}: learned algorithms are "
+            f"{', '.join(LEARNED_FAMILIES)} ({', '.join(hand)} are handcrafted and have "
+            f"nothing to learn)"
+        )
+    if cfg.strategy not in STRATEGIES:
+        make_strategy(cfg.strategy, 1, 2, maximize=True)  # raises the helpful error
+    if not cfg.envs:
+        raise ValueError("--envs is empty: name at least one meta-training environment")
+    if len(set(cfg.envs)) != len(cfg.envs):
+        raise ValueError(f"--envs names an environment twice: {cfg.envs}")
+    for name in ("generations", "popsize", "eval_every", "eval_seeds"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if cfg.wandb not in ("offline", "online", "off"):
+        raise ValueError(f"--wandb must be offline, online or off, got {cfg.wandb!r}")
+    configs = {}
+    for env_id in cfg.envs:
+        backend = cfg.inner.get("backend") or "auto"
+        check_env_id(env_id, backend, cfg.inner.get("device") or "cpu")
+        c = config_for(env_id, **cfg.inner)
+        check_config(c)
+        configs[env_id] = check_options(c, spec_of(env_id, backend))
+        if len(cfg.envs) > 1 and not c.reference_return:
+            raise ValueError(
+                f"{env_id} has no PPO reference return, which fitness over several "
+                f"environments is normalised by; pass --reference-return or meta-train on "
+                f"environments with one ({', '.join(e for e in cfg.envs if e != env_id)})"
+            )
+    strategy_settings(cfg)  # may raise for a bad popsize
+    return configs
+
+
+def strategy_settings(cfg: EvolveConfig) -> dict:
+    settings = {}
+    if cfg.sigma is not None:
+        settings["sigma"] = cfg.sigma
+    if cfg.lr is not None:
+        if cfg.strategy != "openai-es":
+            raise ValueError(f"--meta-lr applies to openai-es only, not {cfg.strategy}")
+        settings["lr"] = cfg.lr
+    num_dims = make_drift(cfg.algorithm).num_meta_params
+    make_strategy(cfg.strategy, num_dims, cfg.popsize, maximize=True, seed=cfg.seed, **settings)
+    return settings
+
+
+def generation_seed(seed: int, generation: int) -> int:
+    """The inner-loop seed every member of a generation shares."""
+    k = rng.fold(rng.seed_keys([seed]), 0x6E, generation)
+    return int(k[0]) & 0x7FFFFFFF
+
+
+def score(configs: dict[str, PPOConfig], drift, meta_params, seeds) -> tuple[torch.Tensor, dict]:
+    """Fitness per member: final return, reference-normalised and averaged over several
+    environments. Returns ``(fitness [P], info)`` with NaN for failed members."""
+    per_env, steps = {}, 0
+    for env_id, c in configs.items():
+        res = train(c, drift, meta_params, seeds)
+        steps += res.env_steps
+        r = res.final_return.double()
+        if len(configs) > 1:
+            r = r / c.reference_return
+        per_env[env_id] = r
+    fitness = torch.stack(list(per_env.values())).mean(dim=0)
+    return fitness, {"per_env": per_env, "env_steps": steps}
+
+
+class Checkpoint:
+    """The checkpoint file of a run directory, written atomically."""
+
+    def __init__(self, run_path: Path):
+        self.path = run_path / "checkpoint.pt"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def write(self, payload: dict) -> None:
+        tmp = self.path.with_name(".checkpoint.pt.tmp")
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def read(self) -> dict:
+        return torch.load(self.path, map_location="cpu", weights_only=False)
+
+
+def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = False,
+               progress: bool = True, echo=print, fail_members=None) -> dict:
+    """Run (or resume) meta-training; returns the headline results.
+
+    ``fail_members`` is a test hook: a function ``(generation) -> list of member indices``
+    whose inner loops get NaN meta-parameters (the strategy is still told the candidates it
+    asked for), to exercise failure containment.
+    """
+    configs = check_evolve_config(cfg)
+    run_path = Path(out) if out else RunDir.default_path("meta-train", cfg.algorithm)
+    ckpt = Checkpoint(run_path)
+    if resume and not ckpt.exists():
+        raise FileNotFoundError(
+            f"--resume: no checkpoint at {ckpt.path}; run without --resume to start, or "
+            f"point --out at the directory of the run to continue"
+        )
+    if not resume and ckpt.exists():
+        raise ValueError(f"{run_path} already holds a run; add --resume to continue it or "
+                         f"choose another --out")
+    payload = ckpt.read() if resume else None
+    if payload is not None and payload["fingerprint"] != cfg.fingerprint():
+        raise ValueError(
+            f"--resume: the checkpoint in {run_path} was written with a different "
+            f"configuration ({payload['config']}); rerun with the same flags or a new --out"
+        )
+
+    drift = make_drift(cfg.algorithm)
+    settings = strategy_settings(cfg)
+    strategy = make_strategy(cfg.strategy, drift.num_meta_params, cfg.popsize, maximize=True,
+                             seed=cfg.seed, **settings)
+    metrics_file = run_path / "metrics.jsonl"
+    if payload is None:
+        state = strategy.init(drift.flat_params())
+        start, best, env_steps, wall = 0, None, 0, 0.0
+        history = []
+        if metrics_file.exists():
+            metrics_file.unlink()
+    else:
+        state = strategy.load_state(payload["strategy_state"])
+        start, best = payload["generation"], payload["best"]
+        env_steps, wall, history = payload["env_steps"], payload["wall_time"], payload["history"]
+        # Drop what a killed generation logged after the last checkpoint.
+        with open(metrics_file, "r+") as f:
+            f.truncate(payload["metrics_bytes"])
+
+    run = RunDir(run_path)
+    run.write_config({"command": "meta-train", "version": __version__,
+                      "evolve": dataclasses.asdict(cfg),
+                      "strategy": strategy.settings(),
+                      "inner": {e: c.to_dict() for e, c in configs.items()}})
+    logger = _wandb(cfg, run_path, payload)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.generations, initial=start, unit="gen",
+                   desc=f"{cfg.strategy} on {cfg.algorithm}")
+    eval_seeds = [100_000 + i for i in range(cfg.eval_seeds)]
+    try:
+        for gen in range(start, cfg.generations):
+            t0 = time.perf_counter()
+            candidates, state = strategy.ask(state)
+            trained = candidates
+            if fail_members is not None:  # test hook: these members' inner loops blow up
+                trained = candidates.clone()
+                trained[fail_members(gen)] = float("nan")
+            t_inner = time.perf_counter()
+            fitness, info = score(configs, drift, trained, [generation_seed(cfg.seed, gen)])
+            t_inner = time.perf_counter() - t_inner
+            env_steps += info["env_steps"]
+            failed = ~torch.isfinite(fitness)
+            if failed.any():
+                idx = failed.nonzero().flatten().tolist()
+                warnings.warn(f"generation {gen}: members {idx} failed (NaN); they get fitness "
+                              f"{FAILED_FITNESS}", RuntimeWarning, stacklevel=2)
+                fitness = torch.where(failed, torch.full_like(fitness, FAILED_FITNESS), fitness)
+            state = strategy.tell(state, candidates, fitness)
+            ok = fitness[~failed]
+            row = {"generation": gen, "fitness_mean": float(ok.mean()) if ok.numel() else None,
+                   "fitness_max": float(fitness.max()),
+                   "fitness_min": float(ok.min()) if ok.numel() else None,
+                   "failed": int(failed.sum()), "env_steps": env_steps,
+                   **strategy.extras(state)}
+            if (gen + 1) % cfg.eval_every == 0 or gen + 1 == cfg.generations:
+                mean = strategy.mean(state)
+                t_eval = time.perf_counter()
+                efit, einfo = score(configs, drift,
+                                    mean.unsqueeze(0).expand(len(eval_seeds), -1), eval_seeds)
+                t_inner += time.perf_counter() - t_eval
+                env_steps += einfo["env_steps"]
+                row["env_steps"] = env_steps
+                row["eval_fitness"] = float(efit.nanmean())
+                row["eval_returns"] = {e: float(v.nanmean()) for e, v in einfo["per_env"].items()}
+                if best is None or row["eval_fitness"] > best["eval_fitness"]:
+                    best = {"generation": gen, "eval_fitness": row["eval_fitness"],
+                            "params": mean.clone()}
+            wall += time.perf_counter() - t0
+            row["wall_time"] = wall
+            row["inner_share"] = t_inner / max(time.perf_counter() - t0, 1e-9)
+            history.append({k: v for k, v in row.items() if k not in ("wall_time",
+                                                                       "inner_share")})
+            run.log(**row)
+            if logger is not None:
+                logger.log({k: v for k, v in row.items() if not isinstance(v, dict)}, step=gen)
+            if best is not None and best["generation"] == gen:
+                _save_best(run_path, cfg, strategy, best, env_steps, wall)
+            ckpt.write({
+                "fingerprint": cfg.fingerprint(), "config": dataclasses.asdict(cfg),
+                "generation": gen + 1, "strategy_state": strategy.state_dict(state),
+                "best": best, "env_steps": env_steps, "wall_time": wall, "history": history,
+                "metrics_bytes": metrics_file.stat().st_size, "version": __version__,
+                "wandb_id": getattr(logger, "id", None),
+            })
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(fitness=f"{row['fitness_mean']:.3g}" if ok.numel() else "nan",
+                                best=f"{best['eval_fitness']:.3g}" if best else "-")
+    finally:
+        if bar is not None:
+            bar.close()
+        run.close()
+        if logger is not None:
+            logger.finish()
+
+    final = _save_final(run_path, cfg, strategy, state, env_steps, wall)
+    results = {
+        "algorithm": cfg.algorithm, "strategy": cfg.strategy, "envs": cfg.envs,
+        "generations": cfg.generations, "popsize": cfg.popsize,
+        "best_generation": best["generation"], "best_eval_fitness": best["eval_fitness"],
+        "first_fitness_mean": history[0]["fitness_mean"],
+        "last_fitness_mean": history[-1]["fitness_mean"],
+        "env_steps": env_steps, "wall_time": wall,
+        "best_artifact": str(run_path / "best.pt"), "final_artifact": str(final),
+    }
+    write_json_atomic(run_path / "results.json", results)
+    (run_path / "summary.md").write_text(_summary(cfg, results, history))
+    echo(f"best artifact: {run_path / 'best.pt'} (generation {best['generation']}, "
+         f"evaluation fitness {best['eval_fitness']:.4g})")
+    return results
+
+
+def _provenance(cfg, strategy, env_steps, wall, generation):
+    return {"method": "evolve", "strategy": strategy.settings(),
+            "meta_train_envs": list(cfg.envs), "generation": generation,
+            "generations": cfg.generations, "env_steps": int(env_steps),
+            "wall_time": round(wall, 3), "seed": cfg.seed, "inner": dict(cfg.inner)}
+
+
+def _save_best(run_path, cfg, strategy, best, env_steps, wall):
+    art = network_artifact(cfg.algorithm, best["params"],
+                           _provenance(cfg, strategy, env_steps, wall, best["generation"]),
+                           name=f"{cfg.algorithm}-{cfg.strategy}-best")
+    art.provenance["eval_fitness"] = best["eval_fitness"]
+    save(art, run_path / "best.pt")
+
+
+def _save_final(run_path, cfg, strategy, state, env_steps, wall):
+    art = network_artifact(cfg.algorithm, strategy.mean(state),
+                           _provenance(cfg, strategy, env_steps, wall, cfg.generations - 1),
+                           name=f"{cfg.algorithm}-{cfg.strategy}-final")
+    return save(art, run_path / "final.pt")
+
+
+def _summary(cfg, results, history) -> str:
+    lines = [f"# metarl meta-train: {cfg.algorithm} with {cfg.strategy}", "",
+             f"Environments {', '.join(cfg.envs)}; {cfg.generations} generations of "
+             f"{cfg.popsize}; {results['env_steps']:,} environment steps; "
+             f"{results['wall_time']:.0f} s.", "",
+             "| generation | fitness mean | fitness max | evaluation |", "|---:|---:|---:|---:|"]
+    for h in history:
+        ev = h.get("eval_fitness")
+        fm = h["fitness_mean"]
+        lines.append(f"| {h['generation']} | {fm if fm is None else f'{fm:.4g}'} | "
+                     f"{h['fitness_max']:.4g} | {'' if ev is None else f'{ev:.4g}'} |")
+    lines += ["", f"Best: generation {results['best_generation']}, evaluation fitness "
+              f"{results['best_eval_fitness']:.4g} (`best.pt`)."]
+    return "\n".join(lines) + "\n"
+
+
+def _wandb(cfg: EvolveConfig, run_path: Path, payload):
+    if cfg.wandb == "off":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn("wandb is not installed: logging to metrics.jsonl only "
+                      "(pip install wandb, or pass --wandb off)", stacklevel=2)
+        return None
+    run_id = payload.get("wandb_id") if payload else None
+    return wandb.init(project="metarl", dir=str(run_path), mode=cfg.wandb, id=run_id,
+                      resume="allow" if run_id else None, config=dataclasses.asdict(cfg),
+                      settings=wandb.Settings(silent=True))
+
