@@ -17,6 +17,7 @@ wherever an artifact is accepted.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -95,7 +96,10 @@ def save(artifact: Artifact, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(artifact.to_dict(), tmp)
+    d = artifact.to_dict()
+    # Provenance holds plain values only, so that loading with weights_only=True works.
+    d["provenance"] = json.loads(json.dumps(d["provenance"], default=str))
+    torch.save(d, tmp)
     os.replace(tmp, path)
     return path
 
@@ -119,6 +123,9 @@ def load(path_or_name: str | os.PathLike) -> Artifact:
                          f"{type(e).__name__})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ValueError(f"{key} is not a metarl artifact (no '{FORMAT}' header)")
+    missing = [k for k in ("family", "representation") if k not in d]
+    if missing:
+        raise ValueError(f"{key} is a damaged metarl artifact (missing {', '.join(missing)})")
     if int(d.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(
             f"{key} was written by a newer metarl (artifact format {d['format_version']}, this "

@@ -48,6 +48,10 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
         raise ValueError("--envs is empty: name at least one environment (see `metarl envs`)")
     seeds = parse_seeds(seeds)
     arts = [load(a) for a in algorithms]  # fails early on unreadable artifacts
+    names = [a.name for a in arts]
+    for a, spec in zip(arts, algorithms):  # two best.pt of different runs: tell them apart
+        if names.count(a.name) > 1:
+            a.name = f"{a.name} ({spec})"
     configs = {}
     for env_id in envs:
         backend = overrides.get("backend") or "auto"

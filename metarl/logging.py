@@ -67,6 +67,11 @@ class RunDir:
         self._metrics.write(json.dumps(_jsonable(metrics)) + "\n")
         self._metrics.flush()
 
+    def sync(self) -> None:
+        """Make the metrics written so far durable (before a checkpoint refers to them)."""
+        self._metrics.flush()
+        os.fsync(self._metrics.fileno())
+
     def write_results(self, results: dict) -> None:
         write_json_atomic(self.path / "results.json", results)
 

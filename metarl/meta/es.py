@@ -137,7 +137,8 @@ class OpenAIES(Strategy):
     def settings(self) -> dict:
         return {**super().settings(), "sigma": self.sigma0, "sigma_decay": self.sigma_decay,
                 "sigma_min": self.sigma_min, "lr": self.lr0, "lr_decay": self.lr_decay,
-                "lr_min": self.lr_min, "beta1": self.beta1, "beta2": self.beta2}
+                "lr_min": self.lr_min, "beta1": self.beta1, "beta2": self.beta2,
+                "adam_eps": self.adam_eps}
 
     def init(self, x0=None) -> OpenAIESState:
         mean = (torch.zeros(self.num_dims, dtype=torch.float32) if x0 is None
@@ -234,10 +235,11 @@ class CMAES(Strategy):
 
         x0 = (np.zeros(self.num_dims) if x0 is None
               else torch.as_tensor(x0, dtype=torch.float64).reshape(-1).numpy())
-        opts = {"popsize": self.popsize, "seed": self.seed + 1, "verbose": -9,
+        # cma treats seed 0 as "seed from the clock": map every integer to a positive seed.
+        opts = {"popsize": self.popsize, "seed": self.seed % (2**31 - 1) + 1, "verbose": -9,
                 "verb_disp": 0, "verb_log": 0, "tolx": 0, "tolfun": 0, "tolfunhist": 0,
                 "tolstagnation": 10**9, "maxiter": 10**9, **self.options}
-        with _numpy_seed(self.seed):
+        with _numpy_seed(self.seed % (2**32)):
             es = cma.CMAEvolutionStrategy(x0, self.sigma0, opts)
             return CMAESState(torch.tensor(0), self._to_tensor(es),
                               self._to_tensor(np.random.get_state()),

@@ -12,8 +12,8 @@ that was never interrupted.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import math
 import os
 import time
 import warnings
@@ -52,13 +52,18 @@ class EvolveConfig:
     sigma: float | None = None  # strategy default when None
     lr: float | None = None  # openai-es meta learning rate; strategy default when None
     inner: dict = field(default_factory=dict)  # PPOConfig overrides for every environment
+    # True: each generation draws a new inner seed (the paper). False: every generation
+    # reuses generation 0's seed, which makes fitness comparable across generations (for
+    # tests, and for studying over-fitting to one seed).
+    new_seed_each_generation: bool = True
     wandb: str = "offline"  # offline | online | off
 
-    def fingerprint(self) -> str:
-        """What a resumed run must share with the run that wrote the checkpoint."""
-        d = dataclasses.asdict(self)
-        d.pop("wandb")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    def differences(self, saved: dict) -> list[str]:
+        """Fields that differ from a checkpoint's configuration (``wandb`` may change;
+        a field the checkpoint predates counts as its default)."""
+        now = json.loads(json.dumps(dataclasses.asdict(self)))
+        defaults = json.loads(json.dumps(dataclasses.asdict(EvolveConfig())))
+        return [k for k in now if k != "wandb" and saved.get(k, defaults[k]) != now[k]]
 
 
 def check_evolve_config(cfg: EvolveConfig) -> dict[str, PPOConfig]:
@@ -174,10 +179,12 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
         raise ValueError(f"{run_path} already holds a run; add --resume to continue it or "
                          f"choose another --out")
     payload = ckpt.read() if resume else None
-    if payload is not None and payload["fingerprint"] != cfg.fingerprint():
+    if payload is not None and cfg.differences(payload["config"]):
+        diff = ", ".join(f"{k}: {payload['config'].get(k)!r} -> {getattr(cfg, k)!r}"
+                         for k in cfg.differences(payload["config"]))
         raise ValueError(
             f"--resume: the checkpoint in {run_path} was written with a different "
-            f"configuration ({payload['config']}); rerun with the same flags or a new --out"
+            f"configuration ({diff}); rerun with the same flags or choose a new --out"
         )
 
     drift = make_drift(cfg.algorithm)
@@ -221,7 +228,8 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
                 trained = candidates.clone()
                 trained[fail_members(gen)] = float("nan")
             t_inner = time.perf_counter()
-            fitness, info = score(configs, drift, trained, [generation_seed(cfg.seed, gen)])
+            seed = generation_seed(cfg.seed, gen if cfg.new_seed_each_generation else 0)
+            fitness, info = score(configs, drift, trained, [seed])
             t_inner = time.perf_counter() - t_inner
             env_steps += info["env_steps"]
             failed = ~torch.isfinite(fitness)
@@ -247,7 +255,10 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
                 row["env_steps"] = env_steps
                 row["eval_fitness"] = float(efit.nanmean())
                 row["eval_returns"] = {e: float(v.nanmean()) for e, v in einfo["per_env"].items()}
-                if best is None or row["eval_fitness"] > best["eval_fitness"]:
+                better = math.isfinite(row["eval_fitness"]) and (
+                    best is None or not math.isfinite(best["eval_fitness"])
+                    or row["eval_fitness"] > best["eval_fitness"])
+                if best is None or better:
                     best = {"generation": gen, "eval_fitness": row["eval_fitness"],
                             "params": mean.clone()}
             wall += time.perf_counter() - t0
@@ -256,16 +267,17 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
             history.append({k: v for k, v in row.items() if k not in ("wall_time",
                                                                        "inner_share")})
             run.log(**row)
+            run.sync()  # metrics on disk before the checkpoint that points past them
             if logger is not None:
                 logger.log({k: v for k, v in row.items() if not isinstance(v, dict)}, step=gen)
             if best is not None and best["generation"] == gen:
                 _save_best(run_path, cfg, strategy, best, env_steps, wall)
             ckpt.write({
-                "fingerprint": cfg.fingerprint(), "config": dataclasses.asdict(cfg),
+                "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
                 "generation": gen + 1, "strategy_state": strategy.state_dict(state),
                 "best": best, "env_steps": env_steps, "wall_time": wall, "history": history,
                 "metrics_bytes": metrics_file.stat().st_size, "version": __version__,
-                "wandb_id": getattr(logger, "id", None),
+                "wandb_id": getattr(logger, "id", None) or (payload or {}).get("wandb_id"),
             })
             if bar is not None:
                 bar.update(1)
