@@ -56,6 +56,9 @@ class EvolveConfig:
     # reuses generation 0's seed, which makes fitness comparable across generations (for
     # tests, and for studying over-fitting to one seed).
     new_seed_each_generation: bool = True
+    # Where the strategy's mean starts: None is the member's own initialisation (zero LPO
+    # weights, that is PPO, as in the paper); or an artifact file to continue from.
+    init: str | None = None
     wandb: str = "offline"  # offline | online | off
 
     def differences(self, saved: dict) -> list[str]:
@@ -101,7 +104,23 @@ def check_evolve_config(cfg: EvolveConfig) -> dict[str, PPOConfig]:
                 f"environments with one ({', '.join(e for e in cfg.envs if e != env_id)})"
             )
     strategy_settings(cfg)  # may raise for a bad popsize
+    if cfg.init is not None:
+        initial_params(cfg)  # an unreadable or mismatched artifact fails now
     return configs
+
+
+def initial_params(cfg: EvolveConfig) -> torch.Tensor:
+    """The strategy's initial mean ``[n]``."""
+    drift = make_drift(cfg.algorithm)
+    if cfg.init is None:
+        return drift.flat_params()
+    from metarl.artifact import load
+
+    art = load(cfg.init)
+    if art.family != "drift" or art.representation.get("member") != cfg.algorithm:
+        raise ValueError(f"--init {cfg.init}: it holds a {art.representation.get('member')} "
+                         f"({art.family}), not {cfg.algorithm}")
+    return art.build()[1]
 
 
 def strategy_settings(cfg: EvolveConfig) -> dict:
@@ -193,7 +212,7 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
                              seed=cfg.seed, **settings)
     metrics_file = run_path / "metrics.jsonl"
     if payload is None:
-        state = strategy.init(drift.flat_params())
+        state = strategy.init(initial_params(cfg))
         start, best, env_steps, wall = 0, None, 0, 0.0
         history = []
         if metrics_file.exists():
@@ -311,7 +330,8 @@ def _provenance(cfg, strategy, env_steps, wall, generation):
     return {"method": "evolve", "strategy": strategy.settings(),
             "meta_train_envs": list(cfg.envs), "generation": generation,
             "generations": cfg.generations, "env_steps": int(env_steps),
-            "wall_time": round(wall, 3), "seed": cfg.seed, "inner": dict(cfg.inner)}
+            "wall_time": round(wall, 3), "seed": cfg.seed, "inner": dict(cfg.inner),
+            "init": cfg.init or "zeros"}
 
 
 def _save_best(run_path, cfg, strategy, best, env_steps, wall):
