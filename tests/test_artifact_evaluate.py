@@ -1,0 +1,111 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from metarl.artifact import FORMAT, Artifact, load, network_artifact, save
+from metarl.cli import main
+from metarl.evaluate import evaluate
+
+TINY = dict(total_timesteps=256, num_steps=32, num_minibatches=2, update_epochs=2,
+            backend="torch")
+
+
+def test_round_trip_and_build(tmp_path):
+    params = torch.randn(1152) * 0.01
+    art = network_artifact("lpo", params, {"method": "evolve", "meta_train_envs": ["X"],
+                                           "where": tmp_path})
+    path = save(art, tmp_path / "a.pt")
+    back = load(path)
+    assert back.family == "drift" and back.kind == "network"
+    assert back.provenance["where"] == str(tmp_path)  # plain values only, readable again
+    drift, meta = back.build()
+    assert drift.name == "lpo" and torch.equal(meta, params)
+    assert "parameters: 1152" in back.describe()
+
+
+def test_handcrafted_names_are_artifacts():
+    for name in ("ppo-clip", "dpo", "lpo"):
+        art = load(name)
+        drift, meta = art.build()
+        assert drift.name == name and art.kind == "handcrafted"
+
+
+def test_not_an_artifact(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not a metarl artifact"):
+        load(tmp_path / "notes.txt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no 'metarl-artifact' header"):
+        load(tmp_path / "other.pt")
+    torch.save({"format": FORMAT}, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="damaged metarl artifact"):
+        load(tmp_path / "broken.pt")
+    with pytest.raises(FileNotFoundError, match="handcrafted name"):
+        load(tmp_path / "missing.pt")
+
+
+def test_newer_format_is_refused(tmp_path):
+    d = network_artifact("lpo", torch.zeros(1152), {}).to_dict()
+    d["format_version"] = 99
+    torch.save(d, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="newer metarl"):
+        load(tmp_path / "future.pt")
+
+
+def test_wrong_parameter_count(tmp_path):
+    art = Artifact("drift", {"kind": "network", "member": "lpo", "params": torch.zeros(5)})
+    with pytest.raises(ValueError, match="expects 1152 parameters"):
+        art.build()
+
+
+def test_show_command(tmp_path, capsys):
+    save(network_artifact("lpo", torch.zeros(1152), {"method": "evolve"}), tmp_path / "a.pt")
+    assert main(["show", str(tmp_path / "a.pt")]) == 0
+    assert "representation: network (lpo)" in capsys.readouterr().out
+    assert main(["show", str(tmp_path / "nope.pt")]) == 2
+    assert "no artifact" in capsys.readouterr().err
+
+
+def test_evaluate_table_in_and_out_of_distribution(tmp_path):
+    art = network_artifact("lpo", torch.zeros(1152),
+                           {"method": "evolve", "meta_train_envs": ["CartPole-v1"],
+                            "env_steps": 1234, "wall_time": 5.0})
+    save(art, tmp_path / "lpo.pt")
+    res = evaluate([str(tmp_path / "lpo.pt"), "ppo-clip"], ["CartPole-v1", "Pendulum-v1"],
+                   seeds=2, out=tmp_path / "eval", progress=False, echo=lambda *a: None,
+                   **TINY)
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert "CartPole-v1 (in dist.)" in table and "Pendulum-v1 (generalisation)" in table
+    assert "1,234" in table
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "table.csv")))
+    assert len(rows) == 4 and {r["env"] for r in rows} == {"CartPole-v1", "Pendulum-v1"}
+    assert (tmp_path / "eval" / "curves.png").stat().st_size > 1000
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    cart = results["algorithms"][0]["envs"]["CartPole-v1"]
+    assert cart["in_distribution"] and cart["normalized_mean"] == pytest.approx(
+        cart["mean"] / 475.0)
+    # A zero LPO is PPO up to an offset: the first curve points agree.
+    assert res["algorithms"][1]["envs"]["CartPole-v1"]["mean"] > 0
+
+
+def test_evaluate_bad_input(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert main(["evaluate", str(tmp_path / "junk.pt"), "--envs", "CartPole-v1"]) == 2
+    assert "not a metarl artifact" in capsys.readouterr().err
+    assert main(["evaluate", "ppo-clip", "--envs"]) == 2
+    assert "--envs is empty" in capsys.readouterr().err
+    assert main(["evaluate", "ppo-clip", "--envs", "Cartpole"]) == 2
+    assert "Closest known ids" in capsys.readouterr().err
+
+
+def test_wandb_offline_run_is_written(tmp_path):
+    pytest.importorskip("wandb")
+    from metarl.meta.evolve import EvolveConfig, meta_train
+
+    cfg = EvolveConfig(generations=1, popsize=2, eval_every=1, eval_seeds=1,
+                       wandb="offline", inner=dict(TINY))
+    meta_train(cfg, out=tmp_path, progress=False, echo=lambda *a: None)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, list(tmp_path.iterdir())
