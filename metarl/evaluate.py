@@ -19,9 +19,7 @@ import torch
 
 from metarl import __version__
 from metarl.artifact import load
-from metarl.configs import config_for
-from metarl.envs import check_env_id, spec_of
-from metarl.inner.ppo import check_config, check_options, train
+from metarl.inner.ppo import prepare_configs, train
 from metarl.logging import RunDir
 from metarl.train import parse_seeds
 
@@ -44,21 +42,13 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
     """
     if not algorithms:
         raise ValueError("name at least one algorithm: an artifact file or ppo-clip, dpo, lpo")
-    if not envs:
-        raise ValueError("--envs is empty: name at least one environment (see `metarl envs`)")
     seeds = parse_seeds(seeds)
     arts = [load(a) for a in algorithms]  # fails early on unreadable artifacts
     names = [a.name for a in arts]
     for a, spec in zip(arts, algorithms):  # two best.pt of different runs: tell them apart
         if names.count(a.name) > 1:
             a.name = f"{a.name} ({spec})"
-    configs = {}
-    for env_id in envs:
-        backend = overrides.get("backend") or "auto"
-        check_env_id(env_id, backend)
-        c = config_for(env_id, **overrides)
-        check_config(c)
-        configs[env_id] = check_options(c, spec_of(env_id, backend))
+    configs = prepare_configs(envs, **overrides)
     if meta_train_envs is None:
         meta_train_envs = sorted({e for a in arts
                                   for e in a.provenance.get("meta_train_envs", [])})

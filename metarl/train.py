@@ -12,9 +12,7 @@ from pathlib import Path
 
 from metarl import __version__
 from metarl.algorithms.drift import make_drift
-from metarl.configs import config_for
-from metarl.envs import check_env_id, spec_of
-from metarl.inner.ppo import TrainResult, check_config, check_options, train
+from metarl.inner.ppo import TrainResult, prepare_configs, train
 from metarl.logging import RunDir
 
 
@@ -64,17 +62,7 @@ def run_train(
     """
     drift = make_drift(algorithm)
     seeds = parse_seeds(seeds)
-    if not envs:
-        raise ValueError("--envs is empty: name at least one environment (see `metarl envs`)")
-    # Check everything before any work starts.
-    configs = {}
-    for env_id in envs:
-        backend = overrides.get("backend") or "auto"
-        check_env_id(env_id, backend)
-        cfg = config_for(env_id, **overrides)
-        check_config(cfg)
-        check_options(cfg, spec_of(env_id, backend))
-        configs[env_id] = cfg
+    configs = prepare_configs(envs, **overrides)  # every check before any work starts
     run = RunDir(out or RunDir.default_path("train", algorithm))
     run.write_config({
         "command": "train", "algorithm": algorithm, "seeds": seeds, "version": __version__,

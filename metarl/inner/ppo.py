@@ -177,6 +177,24 @@ def resolve_population(drift: Drift, meta_params, seeds) -> tuple[torch.Tensor, 
     return meta_params, seeds
 
 
+def prepare_configs(envs: Sequence[str], **overrides) -> dict[str, PPOConfig]:
+    """One resolved, checked configuration per environment: every check that can fail
+    before work starts (unknown id, bad budget, continuous options on a discrete space)."""
+    if not envs:
+        raise ValueError("--envs is empty: name at least one environment (see `metarl envs`)")
+    from metarl.configs import config_for
+    from metarl.envs import spec_of
+
+    configs = {}
+    for env_id in envs:
+        backend = overrides.get("backend") or "auto"
+        check_env_id(env_id, backend, overrides.get("device") or "cpu")
+        c = config_for(env_id, **overrides)
+        check_config(c)
+        configs[env_id] = check_options(c, spec_of(env_id, backend))
+    return configs
+
+
 # -- the loop -----------------------------------------------------------------------------
 
 

@@ -25,9 +25,8 @@ import torch
 from metarl import __version__, rng
 from metarl.algorithms.drift import DRIFTS, make_drift
 from metarl.artifact import network_artifact, save
-from metarl.configs import PPOConfig, config_for
-from metarl.envs import check_env_id, spec_of
-from metarl.inner.ppo import check_config, check_options, train
+from metarl.configs import PPOConfig
+from metarl.inner.ppo import prepare_configs, train
 from metarl.logging import RunDir, write_json_atomic
 from metarl.meta.es import STRATEGIES, make_strategy
 
@@ -90,13 +89,8 @@ def check_evolve_config(cfg: EvolveConfig) -> dict[str, PPOConfig]:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if cfg.wandb not in ("offline", "online", "off"):
         raise ValueError(f"--wandb must be offline, online or off, got {cfg.wandb!r}")
-    configs = {}
-    for env_id in cfg.envs:
-        backend = cfg.inner.get("backend") or "auto"
-        check_env_id(env_id, backend, cfg.inner.get("device") or "cpu")
-        c = config_for(env_id, **cfg.inner)
-        check_config(c)
-        configs[env_id] = check_options(c, spec_of(env_id, backend))
+    configs = prepare_configs(cfg.envs, **cfg.inner)
+    for env_id, c in configs.items():
         if len(cfg.envs) > 1 and not c.reference_return:
             raise ValueError(
                 f"{env_id} has no PPO reference return, which fitness over several "
