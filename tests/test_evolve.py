@@ -69,13 +69,16 @@ def run_cli(out, *extra):
             *TINY_FLAGS, *extra]
 
 
-def test_sigkill_mid_generation_then_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("strategy", ["openai-es", "cma-es"])
+def test_sigkill_mid_generation_then_resume_is_exact(tmp_path, strategy):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
-    subprocess.run(run_cli(straight), check=True, env=env, capture_output=True)
+    subprocess.run(run_cli(straight, "--es", strategy), check=True, env=env,
+                   capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(run_cli(killed), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(run_cli(killed, "--es", strategy), env=env,
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt = killed / "checkpoint.pt"
     deadline = time.time() + 120
@@ -89,7 +92,8 @@ def test_sigkill_mid_generation_then_resume_is_exact(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert torch.load(ckpt, weights_only=False)["generation"] < 5  # it really stopped early
 
-    subprocess.run(run_cli(killed, "--resume"), check=True, env=env, capture_output=True)
+    subprocess.run(run_cli(killed, "--es", strategy, "--resume"), check=True, env=env,
+                   capture_output=True)
     for name in ("best.pt", "final.pt"):
         a, b = load(straight / name), load(killed / name)
         assert torch.equal(a.representation["params"], b.representation["params"]), name

@@ -20,6 +20,7 @@ does, with a warning).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import pickle
@@ -192,17 +193,25 @@ class OpenAIES(Strategy):
 @dataclass
 class CMAESState:
     generation: torch.Tensor  # int64 scalar
-    blob: torch.Tensor  # uint8: the pickled ``cma.CMAEvolutionStrategy``
-    numpy_rng: torch.Tensor  # uint8: numpy's global RNG state, which ``cma`` samples from
+    es: object  # the live ``cma.CMAEvolutionStrategy``
+    numpy_rng: tuple  # numpy's global RNG state, which ``cma`` samples from
     asked: torch.Tensor  # float64 [popsize, n]: the last asked points, exactly as cma drew
+    blob: torch.Tensor | None = None  # uint8: ``es`` pickled when this state was made
 
 
 class CMAES(Strategy):
     """CMA-ES (Hansen and Ostermeier 2001) through the ``cma`` package's ask/tell.
 
-    Its whole state (the pickled optimiser and numpy's global random state, which ``cma``
-    draws from) is kept in the state dataclass, so a resume is exact. ``sigma`` is the
-    initial step size; ``options`` go to ``cma.CMAEvolutionStrategy`` (for example
+    Its whole state (the optimiser and numpy's global random state, which ``cma`` draws
+    from) is kept in the state dataclass and pickled into tensors by ``state_dict``, so a
+    resume is exact. A ``cma`` object restored from a pickle does not sample exactly as the
+    live object it was pickled from (it keeps caches it does not pickle), so ``init`` and
+    ``tell`` pass the optimiser through one pickle round trip and keep the bytes: a run
+    that continues and a run that resumes from ``state_dict`` then draw the same points,
+    and a checkpoint costs no second pickle. ``ask`` advances the optimiser object in
+    place (a full covariance in 1,152 dimensions is expensive to copy); a state's ``blob``
+    still describes it as it was when the state was made. ``sigma`` is
+    the initial step size; ``options`` go to ``cma.CMAEvolutionStrategy`` (for example
     ``{"CMA_diagonal": True}`` for sep-CMA-ES in high dimension).
     """
 
@@ -241,42 +250,43 @@ class CMAES(Strategy):
                 "tolstagnation": 10**9, "maxiter": 10**9, **self.options}
         with _numpy_seed(self.seed % (2**32)):
             es = cma.CMAEvolutionStrategy(x0, self.sigma0, opts)
-            return CMAESState(torch.tensor(0), self._to_tensor(es),
-                              self._to_tensor(np.random.get_state()),
-                              torch.zeros(0, self.num_dims, dtype=torch.float64))
+            blob = self._to_tensor(es)
+            return CMAESState(torch.tensor(0), self._from_tensor(blob),
+                              copy.deepcopy(np.random.get_state()),
+                              torch.zeros(0, self.num_dims, dtype=torch.float64), blob)
 
     def ask(self, state):
-        es = self._from_tensor(state.blob)
         with _numpy_state(state.numpy_rng) as saved:
-            asked = torch.as_tensor(np.asarray(es.ask()), dtype=torch.float64)
-            new = CMAESState(state.generation, self._to_tensor(es), self._to_tensor(saved()),
-                             asked)
+            asked = torch.as_tensor(np.asarray(state.es.ask()), dtype=torch.float64)
+            new = CMAESState(state.generation, state.es, saved(), asked)
         return asked.to(torch.float32), new
 
     def tell(self, state, candidates, fitness):
         fitness = self._check_fitness(candidates, fitness)
         if state.asked.shape[0] != self.popsize:
             raise ValueError("cma-es: tell before ask; ask for candidates first")
-        es = self._from_tensor(state.blob)
         loss = (-fitness if self.maximize else fitness).tolist()
         # Tell cma the float64 points it drew (the float32 candidates are their rounding).
-        points = list(state.asked.numpy())
         with _numpy_state(state.numpy_rng) as saved:
-            es.tell(points, loss)
-            return CMAESState(state.generation + 1, self._to_tensor(es),
-                              self._to_tensor(saved()),
-                              torch.zeros(0, self.num_dims, dtype=torch.float64))
+            state.es.tell(list(state.asked.numpy()), loss)
+            blob = self._to_tensor(state.es)
+            return CMAESState(state.generation + 1, self._from_tensor(blob), saved(),
+                              torch.zeros(0, self.num_dims, dtype=torch.float64), blob)
 
     def mean(self, state):
-        es = self._from_tensor(state.blob)
-        return torch.as_tensor(es.mean, dtype=torch.float32)
+        return torch.as_tensor(state.es.mean, dtype=torch.float32)
 
     def extras(self, state):
-        es = self._from_tensor(state.blob)
-        return {"sigma": float(es.sigma)}
+        return {"sigma": float(state.es.sigma)}
+
+    def state_dict(self, state) -> dict:
+        blob = state.blob if state.blob is not None else self._to_tensor(state.es)
+        return {"generation": state.generation, "blob": blob,
+                "numpy_rng": self._to_tensor(state.numpy_rng), "asked": state.asked}
 
     def load_state(self, d):
-        return CMAESState(**{f.name: d[f.name] for f in dataclasses.fields(CMAESState)})
+        return CMAESState(d["generation"], self._from_tensor(d["blob"]),
+                          self._from_tensor(d["numpy_rng"]), d["asked"], d["blob"])
 
 
 class _numpy_seed:
@@ -295,13 +305,14 @@ class _numpy_state:
     """Run a block with numpy's global RNG set to a saved state; yields a getter for the
     state at the end of the block; restores the caller's state afterwards."""
 
-    def __init__(self, state_tensor):
-        self.inner = pickle.loads(state_tensor.numpy().tobytes())
+    def __init__(self, state):
+        self.inner = state
 
     def __enter__(self):
         self.outer = np.random.get_state()
         np.random.set_state(self.inner)
-        return np.random.get_state
+        # A copy: the array in get_state's tuple must not change with the global generator.
+        return lambda: copy.deepcopy(np.random.get_state())
 
     def __exit__(self, *exc):
         np.random.set_state(self.outer)
