@@ -131,7 +131,13 @@ def load(path_or_name: str | os.PathLike) -> Artifact:
             f"{key} was written by a newer metarl (artifact format {d['format_version']}, this "
             f"version reads up to {FORMAT_VERSION}); upgrade metarl to read it"
         )
-    rep = d.get("representation") or {}
-    if rep.get("kind") == "network" and rep.get("member") not in DRIFTS:
-        raise ValueError(f"{key}: unknown member {rep.get('member')!r}")
+    rep = d.get("representation")
+    if not isinstance(rep, dict) or rep.get("kind") not in ("network", "handcrafted"):
+        raise ValueError(f"{key} is a damaged metarl artifact (its representation has no "
+                         f"known kind: network or handcrafted)")
+    if rep.get("member") not in DRIFTS:
+        raise ValueError(f"{key}: unknown member {rep.get('member')!r}; known: "
+                         f"{', '.join(DRIFTS)}")
+    if rep["kind"] == "network" and not isinstance(rep.get("params"), torch.Tensor):
+        raise ValueError(f"{key} is a damaged metarl artifact (a network without params)")
     return Artifact(d["family"], rep, d.get("provenance", {}), d.get("name") or path.stem)

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                "quickstart": cmd_quickstart, "show": cmd_show, "envs": cmd_envs}[ns.command]
     try:
         return handler(ns)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError, ImportError) as e:
         print(f"metarl {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

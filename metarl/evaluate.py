@@ -55,7 +55,8 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
     in_dist = [e for e in envs if e in meta_train_envs]
     general = [e for e in envs if e not in meta_train_envs]
 
-    run = RunDir(out or RunDir.default_path("evaluate", "-".join(a.name for a in arts)[:60]))
+    default = RunDir.default_path("evaluate", "-".join(a.name for a in arts)[:60])
+    run = RunDir(out or default, append=False)
     run.write_config({"command": "evaluate", "version": __version__, "algorithms": algorithms,
                       "envs": envs, "seeds": seeds, "meta_train_envs": meta_train_envs,
                       "inner": {e: c.to_dict() for e, c in configs.items()}})

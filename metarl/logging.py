@@ -49,10 +49,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 class RunDir:
     """A run directory. ``log(**metrics)`` appends one line to ``metrics.jsonl``."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, append: bool = True):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"--out {self.path} is a file; give a directory for the run")
         self.path.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.path / "metrics.jsonl", "a")
+        self._metrics = open(self.path / "metrics.jsonl", "a" if append else "w")
 
     @staticmethod
     def default_path(command: str, name: str) -> Path:

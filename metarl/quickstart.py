@@ -27,6 +27,9 @@ def quickstart(out: str | Path = "runs/quickstart", resume: bool = False,
     echo(f"1/2 meta-training LPO with OpenAI-ES on CartPole-v1: {cfg.generations} "
          f"generations of {cfg.popsize}, {INNER['total_timesteps']:,} steps per agent")
     done = (out / "meta-train" / "results.json").exists()
+    if (out / "meta-train").exists() and not resume:
+        raise ValueError(f"{out} already holds a quickstart; add --resume to finish or "
+                         f"re-evaluate it, or choose another --out")
     if not done:
         meta_train(cfg, out=out / "meta-train", progress=progress, echo=echo,
                    resume=resume and (out / "meta-train" / "checkpoint.pt").exists())

@@ -63,7 +63,7 @@ def run_train(
     drift = make_drift(algorithm)
     seeds = parse_seeds(seeds)
     configs = prepare_configs(envs, **overrides)  # every check before any work starts
-    run = RunDir(out or RunDir.default_path("train", algorithm))
+    run = RunDir(out or RunDir.default_path("train", algorithm), append=False)
     run.write_config({
         "command": "train", "algorithm": algorithm, "seeds": seeds, "version": __version__,
         "envs": {e: c.to_dict() for e, c in configs.items()},

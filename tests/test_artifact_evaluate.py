@@ -42,6 +42,11 @@ def test_not_an_artifact(tmp_path):
     torch.save({"format": FORMAT}, tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="damaged metarl artifact"):
         load(tmp_path / "broken.pt")
+    for rep in ({}, {"kind": "network", "member": "lpo"}):
+        torch.save({"format": FORMAT, "family": "drift", "representation": rep},
+                   tmp_path / "broken.pt")
+        with pytest.raises(ValueError, match="damaged metarl artifact"):
+            load(tmp_path / "broken.pt")
     with pytest.raises(FileNotFoundError, match="handcrafted name"):
         load(tmp_path / "missing.pt")
 

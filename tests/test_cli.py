@@ -46,6 +46,8 @@ def test_flags_override_config(tmp_path):
     (["--normalize-obs"], "continuous-control option"),
     (["--seeds", "0"], "--seeds must be a positive count"),
     (["--seeds", "a,b"], "comma-separated integers"),
+    (["--device", "cuda"], "no CUDA device available"),
+    (["--device", "tpu9"], "is not a torch device"),
 ])
 def test_bad_input_fails_with_a_message(tmp_path, capsys, args, message):
     code = main(["train", "--out", str(tmp_path / "r"), "--no-progress", "--backend", "torch",

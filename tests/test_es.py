@@ -112,3 +112,12 @@ def test_centered_ranks():
 def test_unknown_strategy():
     with pytest.raises(ValueError, match="choose one of openai-es, cma-es"):
         make_strategy("openai_es", 3, 8, maximize=True)
+
+
+@pytest.mark.parametrize("name, bad", [
+    ("openai-es", dict(sigma=0.0)), ("openai-es", dict(lr=-1.0)),
+    ("openai-es", dict(sigma=float("nan"))), ("cma-es", dict(sigma=-0.1)),
+])
+def test_bad_settings_are_refused(name, bad):
+    with pytest.raises(ValueError, match="must be a positive finite number"):
+        make_strategy(name, 4, 8, maximize=True, **bad)

@@ -139,3 +139,13 @@ def test_mismatched_population(tiny_cartpole):
 def test_unknown_env(tiny_cartpole):
     with pytest.raises(ValueError, match="unknown environment id"):
         train(tiny_cartpole.replace(env_id="CartPole-v9"), "ppo-clip", seeds=[0])
+
+
+def test_member_alone_matches_population_over_a_long_run():
+    """Past the point where a batch-of-one kernel would round differently (update 24)."""
+    cfg = config_for("CartPole-v1", total_timesteps=16_384, backend="torch")
+    alone = train(cfg, "ppo-clip", seeds=[5])
+    pop = train(cfg, "ppo-clip", seeds=[4, 5, 6])
+    assert torch.equal(alone.curve[0], pop.curve[1])
+    assert torch.equal(alone.agent_params[0], pop.agent_params[1])
+    assert alone.env_steps == pop.env_steps // 3 and alone.final_return.shape == (1,)

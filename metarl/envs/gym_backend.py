@@ -19,10 +19,14 @@ class GymnasiumEnv(VecEnv):
     def __init__(self, env_id: str, num_envs: int, env_seeds: list[int], device):
         import gymnasium
 
-        self._vec = gymnasium.vector.SyncVectorEnv(
-            [lambda: gymnasium.make(env_id) for _ in range(num_envs)],
-            autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP,
-        )
+        try:
+            self._vec = gymnasium.vector.SyncVectorEnv(
+                [lambda: gymnasium.make(env_id) for _ in range(num_envs)],
+                autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP,
+            )
+        except (ImportError, gymnasium.error.Error) as e:
+            raise ValueError(f"{env_id} is registered in gymnasium but cannot be made here "
+                             f"({type(e).__name__}: {e}); pick another id") from None
         obs_space = self._vec.single_observation_space
         act_space = self._vec.single_action_space
         if not hasattr(obs_space, "shape") or obs_space.shape is None:

@@ -18,6 +18,7 @@ masked out of the losses, the advantage normalisation and the episode statistics
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -115,6 +116,14 @@ def check_config(config: PPOConfig) -> None:
         raise ValueError("gamma must be in (0, 1] and gae_lambda in [0, 1]")
     if config.activation not in ("tanh", "relu"):
         raise ValueError(f"activation must be 'tanh' or 'relu', got {config.activation!r}")
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        raise ValueError(f"device {config.device!r} is not a torch device; use cpu, cuda or "
+                         f"cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} asked for, but this torch has no CUDA "
+                         f"device available; use --device cpu")
 
 
 def check_options(config: PPOConfig, spec: EnvSpec) -> PPOConfig:
@@ -221,6 +230,7 @@ def train(
     optimizer: AgentOptimizer | None = None,
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
+    pair_single: bool = True,
 ) -> TrainResult:
     """Train one PPO agent per member of the population.
 
@@ -234,6 +244,10 @@ def train(
         optimizer: the agent optimiser (default: Adam from ``config``).
         progress: show a progress bar over updates.
         callback: called after every update with a dict of that update's statistics.
+        pair_single: run a population of one as two identical members (and return one),
+            so that its numbers are exactly those it has inside any population. False
+            halves the work of a single member at the price of that exactness (the
+            benchmarks' one-at-a-time baseline uses it).
     """
     t_start = time.perf_counter()
     check_config(config)
@@ -243,14 +257,37 @@ def train(
     P, N = len(seeds), config.num_envs
     device = torch.device(config.device)
 
+    # A population of one runs as two identical members: batched kernels (bmm with a batch
+    # of one and an output width of one) take another code path whose rounding differs,
+    # and PPO amplifies it; with two or more members every member's numbers are the same.
+    alone = P == 1 and pair_single
+    if alone:
+        meta, seeds, P = meta.expand(2, -1), seeds * 2, 2
     all_seeds = [s for seed in seeds for s in env_seeds(seed, N)]
     env = make(config.env_id, P * N, device=device, backend=config.backend, seeds=all_seeds)
     try:
         config = check_options(config, env.spec)
-        return _train(config, env, drift, meta.to(device), seeds, optimizer, progress,
-                      callback, t_start)
+        result = _train(config, env, drift, meta.to(device), seeds, optimizer, progress,
+                        callback if not alone else _first_member(callback), t_start)
     finally:
         env.close()
+    return _keep_first(result) if alone else result
+
+
+def _first_member(callback):
+    if callback is None:
+        return None
+
+    def call(stats):
+        callback({**stats, "returns": stats["returns"][:1], "loss": stats["loss"][:1]})
+
+    return call
+
+
+def _keep_first(r: TrainResult) -> TrainResult:
+    return dataclasses.replace(
+        r, final_return=r.final_return[:1], curve=r.curve[:1], failed=r.failed[:1],
+        seeds=r.seeds[:1], env_steps=r.env_steps // 2, agent_params=r.agent_params[:1])
 
 
 def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_start):

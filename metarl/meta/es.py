@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import math
 import pickle
 from dataclasses import dataclass
 
@@ -92,6 +93,12 @@ class Strategy:
         return fitness
 
 
+def _positive(**values) -> None:
+    for name, v in values.items():
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+
+
 def centered_ranks(x: torch.Tensor) -> torch.Tensor:
     """Fitness shaping of OpenAI-ES: ranks mapped linearly onto [-0.5, 0.5]."""
     ranks = torch.empty_like(x)
@@ -128,6 +135,7 @@ class OpenAIES(Strategy):
                  lr: float = 0.03, lr_decay: float = 0.99, lr_min: float = 0.001,
                  beta1: float = 0.99, beta2: float = 0.999, adam_eps: float = 1e-8):
         super().__init__(num_dims, popsize, maximize=maximize, seed=seed)
+        _positive(sigma=sigma, sigma_min=sigma_min, lr=lr, lr_min=lr_min)
         if popsize % 2:
             raise ValueError(f"openai-es samples antithetic pairs: popsize must be even, "
                              f"got {popsize}")
@@ -221,6 +229,7 @@ class CMAES(Strategy):
     def __init__(self, num_dims: int, popsize: int = 64, *, maximize: bool, seed: int = 0,
                  sigma: float = 0.03, options: dict | None = None):
         super().__init__(num_dims, popsize, maximize=maximize, seed=seed)
+        _positive(sigma=sigma)
         try:
             import cma  # noqa: F401
         except ImportError as e:  # pragma: no cover - cma is a dependency

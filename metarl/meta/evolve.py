@@ -25,7 +25,7 @@ import torch
 from metarl import __version__, rng
 from metarl.algorithms.drift import DRIFTS, make_drift
 from metarl.artifact import network_artifact, save
-from metarl.configs import PPOConfig
+from metarl.configs import ENV_DEFAULTS, PPOConfig
 from metarl.inner.ppo import prepare_configs, train
 from metarl.logging import RunDir, write_json_atomic
 from metarl.meta.es import STRATEGIES, make_strategy
@@ -68,7 +68,7 @@ class EvolveConfig:
         return [k for k in now if k != "wandb" and saved.get(k, defaults[k]) != now[k]]
 
 
-def check_evolve_config(cfg: EvolveConfig) -> dict[str, PPOConfig]:
+def check_evolve_config(cfg: EvolveConfig, resume: bool = False) -> dict[str, PPOConfig]:
     """Refuse bad input before any work starts; return the inner config per environment."""
     if cfg.algorithm not in LEARNED_FAMILIES:
         hand = [n for n in DRIFTS if n not in LEARNED_FAMILIES]
@@ -89,16 +89,23 @@ def check_evolve_config(cfg: EvolveConfig) -> dict[str, PPOConfig]:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if cfg.wandb not in ("offline", "online", "off"):
         raise ValueError(f"--wandb must be offline, online or off, got {cfg.wandb!r}")
+    if len(cfg.envs) > 1 and cfg.inner.get("reference_return") is not None:
+        raise ValueError(
+            "--reference-return sets one value for every environment, but fitness over "
+            "several environments is normalised by each one's own PPO reference return; "
+            "drop the flag (references come from metarl.configs.ENV_DEFAULTS)"
+        )
     configs = prepare_configs(cfg.envs, **cfg.inner)
     for env_id, c in configs.items():
         if len(cfg.envs) > 1 and not c.reference_return:
+            with_ref = [e for e, row in ENV_DEFAULTS.items() if row.get("reference_return")]
             raise ValueError(
                 f"{env_id} has no PPO reference return, which fitness over several "
-                f"environments is normalised by; pass --reference-return or meta-train on "
-                f"environments with one ({', '.join(e for e in cfg.envs if e != env_id)})"
+                f"environments is normalised by; meta-train on environments that have one "
+                f"({', '.join(with_ref)}), or on {env_id} alone"
             )
     strategy_settings(cfg)  # may raise for a bad popsize
-    if cfg.init is not None:
+    if cfg.init is not None and not resume:
         initial_params(cfg)  # an unreadable or mismatched artifact fails now
     return configs
 
@@ -180,7 +187,7 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
     whose inner loops get NaN meta-parameters (the strategy is still told the candidates it
     asked for), to exercise failure containment.
     """
-    configs = check_evolve_config(cfg)
+    configs = check_evolve_config(cfg, resume)
     run_path = Path(out) if out else RunDir.default_path("meta-train", cfg.algorithm)
     ckpt = Checkpoint(run_path)
     if resume and not ckpt.exists():
