@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envs", nargs="*", default=["CartPole-v1"],
                    help="meta-training environment ids (fitness is reference-normalised and "
                         "averaged over several)")
-    p.add_argument("--generations", type=int, default=100)
+    p.add_argument("--generations", type=int, default=800, help="the paper ran 800")
     p.add_argument("--popsize", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=8,

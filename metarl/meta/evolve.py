@@ -43,7 +43,7 @@ class EvolveConfig:
     algorithm: str = "lpo"
     strategy: str = "openai-es"
     envs: list[str] = field(default_factory=lambda: ["CartPole-v1"])
-    generations: int = 100
+    generations: int = 800  # the paper's
     popsize: int = 64
     seed: int = 0
     eval_every: int = 8
@@ -146,16 +146,16 @@ def generation_seed(seed: int, generation: int) -> int:
 def score(configs: dict[str, PPOConfig], drift, meta_params, seeds) -> tuple[torch.Tensor, dict]:
     """Fitness per member: final return, reference-normalised and averaged over several
     environments. Returns ``(fitness [P], info)`` with NaN for failed members."""
-    per_env, steps = {}, 0
+    per_env, raw, steps = {}, {}, 0
     for env_id, c in configs.items():
         res = train(c, drift, meta_params, seeds)
         steps += res.env_steps
-        r = res.final_return.double()
+        raw[env_id] = r = res.final_return.double()
         if len(configs) > 1:
             r = r / c.reference_return
         per_env[env_id] = r
     fitness = torch.stack(list(per_env.values())).mean(dim=0)
-    return fitness, {"per_env": per_env, "env_steps": steps}
+    return fitness, {"per_env": per_env, "raw": raw, "env_steps": steps}
 
 
 class Checkpoint:
@@ -274,7 +274,7 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
                 env_steps += einfo["env_steps"]
                 row["env_steps"] = env_steps
                 row["eval_fitness"] = float(efit.nanmean())
-                row["eval_returns"] = {e: float(v.nanmean()) for e, v in einfo["per_env"].items()}
+                row["eval_returns"] = {e: float(v.nanmean()) for e, v in einfo["raw"].items()}
                 better = math.isfinite(row["eval_fitness"]) and (
                     best is None or not math.isfinite(best["eval_fitness"])
                     or row["eval_fitness"] > best["eval_fitness"])
