@@ -2,9 +2,8 @@
 
 For each population size P it trains P agents at once and reports agent-steps per second
 (environment steps summed over members, divided by wall time), then trains members of
-the same population one at a time in the same process (P = 1 calls of the same function,
-without the pairing that makes a lone member exact, so the baseline is a plain
-single-agent loop) and reports the ratio. One-at-a-time throughput does not depend on
+the same population one at a time in the same process (P = 1 calls of the same function)
+and reports the ratio. One-at-a-time throughput does not depend on
 how many members are run in sequence, so it is measured on ``--alone`` members and
 compared with every P.
 
@@ -51,11 +50,10 @@ def main():
           f"{cfg.update_epochs} epochs x {cfg.num_minibatches} minibatches, "
           f"{args.updates} updates, backend {args.backend}, device {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rate(cfg.replace(total_timesteps=cfg.batch_size), [0], pair_single=False)  # warm-up
+    rate(cfg.replace(total_timesteps=cfg.batch_size), [0])  # warm-up
 
-    # The baseline is a plain one-member run (not metarl's exact pairing of single members).
     t0 = time.perf_counter()
-    steps = sum(train(cfg, "ppo-clip", seeds=[1000 + i], pair_single=False).env_steps
+    steps = sum(train(cfg, "ppo-clip", seeds=[1000 + i]).env_steps
                 for i in range(args.alone))
     alone = steps / (time.perf_counter() - t0)
     print(f"one at a time: {alone:,.0f} agent-steps/s (mean of {args.alone} members)")
@@ -63,7 +61,7 @@ def main():
     headline = {"benchmark": "inner_loop", "backend": args.backend, "device": args.device,
                 "one_at_a_time_steps_per_s": round(alone)}
     for p in [int(s) for s in args.sizes.split(",")]:
-        r, res = rate(cfg, list(range(p)), pair_single=False)
+        r, res = rate(cfg, list(range(p)))
         t = res.timings
         share = t["rollout"] / (t["rollout"] + t["update"])
         print(f"P={p:>3}: {r:>10,.0f} agent-steps/s   {r / alone:6.1f}x one-at-a-time   "

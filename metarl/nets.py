@@ -69,7 +69,7 @@ class ActorCritic(nn.Module):
         h = obs
         for j, i in enumerate(linears):
             w, b = params[f"{name}.{i}.weight"], params[f"{name}.{i}.bias"]
-            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            h = batched_linear(h, w, b)
             if j < len(linears) - 1:
                 h = act(h)
         return h
@@ -88,6 +88,22 @@ class ActorCritic(nn.Module):
             for i, n in enumerate(linears):
                 gains[f"{tower}.{n}.weight"] = head_gain if i == len(linears) - 1 else math.sqrt(2)
         return gains
+
+
+def batched_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
+    """``x [P, B, in] @ w[P, out, in]^T + b[P, out]`` for every member.
+
+    A layer with one output (a value head, LPO's last layer) is a multiply and a sum:
+    ``bmm`` with an output width of one rounds differently when the batch holds a single
+    member, which would make a member trained alone drift away from the same member
+    trained in a population; the multiply-and-sum rounds the same for every P.
+    """
+    if w.shape[1] == 1:
+        y = (x * w).sum(-1, keepdim=True)
+        return y if b is None else y + b.unsqueeze(1)
+    if b is None:
+        return torch.bmm(x, w.transpose(1, 2))
+    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
 
 class FlatParams:

@@ -54,7 +54,7 @@ def fold(keys: torch.Tensor, *data: int) -> torch.Tensor:
     return keys
 
 
-def _bits(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def bits(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """32 random bits for every element of ``[P, *shape]``."""
     n = 1
     for s in shape:
@@ -66,7 +66,7 @@ def _bits(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def uniform(keys: torch.Tensor, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
     """Uniform numbers in the open interval (0, 1), shape ``[*keys.shape, *shape]``."""
-    b = _bits(keys, tuple(shape)) >> 8
+    b = bits(keys, tuple(shape)) >> 8
     return ((b.to(dtype) + 0.5) * (1.0 / 16777216.0)).to(dtype)
 
 
@@ -80,7 +80,7 @@ def normal(keys: torch.Tensor, shape: tuple[int, ...], dtype=torch.float32) -> t
 
 def permutation(keys: torch.Tensor, n: int) -> torch.Tensor:
     """A random permutation of ``range(n)`` per key, shape ``[*keys.shape, n]``."""
-    return torch.argsort(_bits(keys, (n,)), dim=-1, stable=True)
+    return torch.argsort(bits(keys, (n,)), dim=-1, stable=True)
 
 
 def fold_tensor(keys: torch.Tensor, data: torch.Tensor) -> torch.Tensor:

@@ -46,12 +46,18 @@ def test_environment_depends_only_on_its_seed(backend):
     assert not torch.equal(a[0], a[1])
 
 
-def test_torch_cartpole_matches_gymnasium_dynamics():
-    genv = gymnasium.make("CartPole-v1").unwrapped
+def synced_pair(env_id):
+    """gymnasium's env and a one-copy torch-native env started in the same state."""
+    genv = gymnasium.make(env_id).unwrapped
     genv.reset(seed=0)
-    tenv = envs.make("CartPole-v1", 1, backend="torch")
+    tenv = envs.make(env_id, 1, backend="torch")
     tenv.reset()
     tenv.state = torch.from_numpy(np.asarray(genv.state, dtype=np.float32)).unsqueeze(0)
+    return genv, tenv
+
+
+def test_torch_cartpole_matches_gymnasium_dynamics():
+    genv, tenv = synced_pair("CartPole-v1")
     rng = np.random.default_rng(0)
     for _ in range(30):
         a = int(rng.integers(2))
@@ -64,11 +70,7 @@ def test_torch_cartpole_matches_gymnasium_dynamics():
 
 
 def test_torch_pendulum_matches_gymnasium_dynamics():
-    genv = gymnasium.make("Pendulum-v1").unwrapped
-    genv.reset(seed=0)
-    tenv = envs.make("Pendulum-v1", 1, backend="torch")
-    tenv.reset()
-    tenv.state = torch.from_numpy(np.asarray(genv.state, dtype=np.float32)).unsqueeze(0)
+    genv, tenv = synced_pair("Pendulum-v1")
     for u in np.linspace(-2, 2, 20):
         gobs, grew, *_ = genv.step(np.array([u], dtype=np.float32))
         step = tenv.step(torch.tensor([[u]], dtype=torch.float32))

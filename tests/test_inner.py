@@ -142,10 +142,21 @@ def test_unknown_env(tiny_cartpole):
 
 
 def test_member_alone_matches_population_over_a_long_run():
-    """Past the point where a batch-of-one kernel would round differently (update 24)."""
-    cfg = config_for("CartPole-v1", total_timesteps=16_384, backend="torch")
+    """80 updates: long enough that a kernel rounding differently for a population of one
+    (as bmm with one output did, until update 22) would show."""
+    cfg = config_for("CartPole-v1", total_timesteps=40_960, backend="torch")
     alone = train(cfg, "ppo-clip", seeds=[5])
     pop = train(cfg, "ppo-clip", seeds=[4, 5, 6])
     assert torch.equal(alone.curve[0], pop.curve[1])
     assert torch.equal(alone.agent_params[0], pop.agent_params[1])
     assert alone.env_steps == pop.env_steps // 3 and alone.final_return.shape == (1,)
+
+
+@pytest.mark.parametrize("out", [1, 2, 64])
+def test_batched_linear_rounds_the_same_for_one_member(out):
+    from metarl.nets import batched_linear
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 512, 64, generator=g), torch.randn(8, out, 64, generator=g)
+    b = torch.randn(8, out, generator=g)
+    assert torch.equal(batched_linear(x, w, b)[5], batched_linear(x[5:6], w[5:6], b[5:6])[0])

@@ -1,6 +1,6 @@
 """Meta-learning happens: evolution raises fitness over generations on a tiny problem.
 
-Starting exactly at PPO (zero LPO weights) and 20 generations of 8 members is too little
+Starting exactly at PPO (zero LPO weights) and 20 generations of 8-16 members is too little
 to beat PPO reliably at this scale, so the tiny problem starts the strategies from a
 damaged drift (random LPO weights large enough to hamper learning) and checks that both
 strategies recover fitness: the population's mean fitness over the last five generations
@@ -26,12 +26,14 @@ def damaged(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("strategy, settings", [
-    ("openai-es", dict(sigma=0.1, lr=0.01)),
-    ("cma-es", dict(sigma=0.05)),
+@pytest.mark.parametrize("strategy, popsize, settings", [
+    ("openai-es", 8, dict(sigma=0.1, lr=0.01)),
+    # CMA-ES with 8 members improves too (37 -> ~100) but its population mean is noisy
+    # enough that a single generation can move the five-generation averages by 20%.
+    ("cma-es", 16, dict(sigma=0.05)),
 ])
-def test_fitness_improves_over_20_generations(tmp_path, damaged, strategy, settings):
-    cfg = EvolveConfig(strategy=strategy, generations=20, popsize=8, eval_every=20,
+def test_fitness_improves_over_20_generations(tmp_path, damaged, strategy, popsize, settings):
+    cfg = EvolveConfig(strategy=strategy, generations=20, popsize=popsize, eval_every=20,
                        eval_seeds=4, wandb="off", new_seed_each_generation=False,
                        init=str(damaged), **settings,
                        inner=dict(total_timesteps=4096, num_steps=32, backend="torch"))

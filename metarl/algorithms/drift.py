@@ -141,10 +141,12 @@ class LPO(Drift):
 
     def population(self, meta_params, ratio, advantage, clip_eps=0.2):
         # The vmap path of the base class, written as two batched matmuls (same numbers).
+        from metarl.nets import batched_linear
+
         p = self.unflatten(meta_params)
         x = lpo_features(ratio, advantage)  # [P, B, 8]
-        h = torch.tanh(torch.bmm(x, p["l1.weight"].transpose(1, 2)))
-        f = torch.bmm(h, p["l2.weight"].transpose(1, 2)).squeeze(-1)
+        h = torch.tanh(batched_linear(x, p["l1.weight"]))
+        f = batched_linear(h, p["l2.weight"]).squeeze(-1)
         ppo = ppo_clip_objective_drift(ratio, advantage, clip_eps)
         return torch.relu(f - self.offset + torch.relu(ppo))
 

@@ -35,7 +35,7 @@ def env_seeds(seed: int, num_envs: int) -> list[int]:
     from metarl import rng
 
     keys = rng.fold(rng.seed_keys([int(seed)]), 0xE5)
-    s = rng._bits(keys, (num_envs,))[0] & 0x7FFFFFFF
+    s = rng.bits(keys, (num_envs,))[0] & 0x7FFFFFFF
     return [int(x) for x in s.tolist()]
 
 

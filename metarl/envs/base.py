@@ -89,6 +89,11 @@ class VecEnv:
         self._prev_done = done
         return Step(obs, reward, terminated, truncated, valid, ep_ret, ep_len)
 
+    @property
+    def running_return(self) -> torch.Tensor:
+        """Return so far of each environment's current episode ``[num_envs]``."""
+        return self._ep_return
+
     def check_actions(self, actions) -> None:
         spec = self.spec
         if not isinstance(actions, torch.Tensor):

@@ -45,6 +45,9 @@ class _TorchEnv(VecEnv):
 
     def _next_initial(self) -> torch.Tensor:
         """Initial states for each environment's current reset count ``[N, state_dim]``."""
+        if self.device.type != "cpu":
+            # Checking the block would sync with the host every step; drawing is cheap here.
+            return self._initial_state(rng.fold_tensor(self._keys, self._resets))
         offset = self._resets - self._block_start
         if bool((offset >= self.block).any()):
             self._draw_block(self._resets.clone())

@@ -18,7 +18,6 @@ masked out of the losses, the advantage normalisation and the episode statistics
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -207,18 +206,18 @@ def prepare_configs(envs: Sequence[str], **overrides) -> dict[str, PPOConfig]:
 # -- the loop -----------------------------------------------------------------------------
 
 
-def _policy(out: torch.Tensor, log_std: torch.Tensor | None, actions: torch.Tensor):
-    """Log-probability of ``actions`` and entropy, for logits or Gaussian means."""
+def _policy(out: torch.Tensor, log_std: torch.Tensor | None, actions: torch.Tensor,
+            entropy: bool = True):
+    """Log-probability of ``actions`` and (unless ``entropy=False``, as when acting)
+    the entropy, for logits or Gaussian means."""
     if log_std is None:
         logp_all = torch.log_softmax(out, dim=-1)
         logp = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp, entropy
+        return logp, (-(logp_all.exp() * logp_all).sum(-1) if entropy else None)
     ls = log_std.unsqueeze(1)  # [P, 1, A]
     z = (actions - out) * torch.exp(-ls)
     logp = (-0.5 * z * z - ls - _LOG_SQRT_2PI).sum(-1)
-    entropy = (ls + 0.5 + _LOG_SQRT_2PI).sum(-1).expand_as(logp)
-    return logp, entropy
+    return logp, ((ls + 0.5 + _LOG_SQRT_2PI).sum(-1).expand_as(logp) if entropy else None)
 
 
 def train(
@@ -230,7 +229,6 @@ def train(
     optimizer: AgentOptimizer | None = None,
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
-    pair_single: bool = True,
 ) -> TrainResult:
     """Train one PPO agent per member of the population.
 
@@ -244,50 +242,22 @@ def train(
         optimizer: the agent optimiser (default: Adam from ``config``).
         progress: show a progress bar over updates.
         callback: called after every update with a dict of that update's statistics.
-        pair_single: run a population of one as two identical members (and return one),
-            so that its numbers are exactly those it has inside any population. False
-            halves the work of a single member at the price of that exactness (the
-            benchmarks' one-at-a-time baseline uses it).
     """
     t_start = time.perf_counter()
     check_config(config)
     drift = make_drift(drift) if isinstance(drift, str) else drift
     meta, seeds = resolve_population(drift, meta_params, seeds)
-    check_env_id(config.env_id, config.backend)
     P, N = len(seeds), config.num_envs
     device = torch.device(config.device)
 
-    # A population of one runs as two identical members: batched kernels (bmm with a batch
-    # of one and an output width of one) take another code path whose rounding differs,
-    # and PPO amplifies it; with two or more members every member's numbers are the same.
-    alone = P == 1 and pair_single
-    if alone:
-        meta, seeds, P = meta.expand(2, -1), seeds * 2, 2
     all_seeds = [s for seed in seeds for s in env_seeds(seed, N)]
     env = make(config.env_id, P * N, device=device, backend=config.backend, seeds=all_seeds)
     try:
         config = check_options(config, env.spec)
-        result = _train(config, env, drift, meta.to(device), seeds, optimizer, progress,
-                        callback if not alone else _first_member(callback), t_start)
+        return _train(config, env, drift, meta.to(device), seeds, optimizer, progress,
+                      callback, t_start)
     finally:
         env.close()
-    return _keep_first(result) if alone else result
-
-
-def _first_member(callback):
-    if callback is None:
-        return None
-
-    def call(stats):
-        callback({**stats, "returns": stats["returns"][:1], "loss": stats["loss"][:1]})
-
-    return call
-
-
-def _keep_first(r: TrainResult) -> TrainResult:
-    return dataclasses.replace(
-        r, final_return=r.final_return[:1], curve=r.curve[:1], failed=r.failed[:1],
-        seeds=r.seeds[:1], env_steps=r.env_steps // 2, agent_params=r.agent_params[:1])
 
 
 def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_start):
@@ -377,7 +347,7 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
                     env_action = torch.nan_to_num(action.reshape(P * N, A))
                     if config.clip_action:
                         env_action = torch.maximum(torch.minimum(env_action, high), low)
-                logp, _ = _policy(out, log_std, action)
+                logp, _ = _policy(out, log_std, action, entropy=False)
                 step = env.step(env_action)
                 reward = step.reward.reshape(P, N)
                 done = step.done.reshape(P, N)
@@ -411,7 +381,7 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
             ret_buf = adv_buf + val_buf
 
             # Statistics of this update.
-            partial = env._ep_return.reshape(P, N)
+            partial = env.running_return.reshape(P, N)
             per_env = torch.where(ep_count > 0, ep_sum / ep_count.clamp(min=1),
                                   torch.where(torch.isnan(last_return), partial, last_return))
             curve[:, update] = per_env.mean(dim=1)
