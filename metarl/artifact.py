@@ -5,8 +5,9 @@ Every meta-learning method writes one, every evaluation reads one. An artifact h
 - ``family``: the slot it fills (``drift`` today; ``optim`` and ``lpg`` later),
 - ``representation``: how the algorithm is written down. ``{"kind": "network", "member":
   "lpo", "params": Tensor[n], ...}`` for a network; ``{"kind": "handcrafted", "member":
-  "ppo-clip"}`` for a handcrafted member (symbolic expressions and code come with the
-  methods that produce them),
+  "ppo-clip"}`` for a handcrafted member, ``{"kind": "symbolic", "member": "symbolic",
+  "tree": [...], "inputs": [...]}`` for a formula (:mod:`metarl.algorithms.expression`;
+  a tree of allowed operators, never evaluated text),
 - ``provenance``: the method and its settings, meta-training environments, environment
   steps and wall time spent finding it, seed, metarl version, creation time.
 
@@ -26,11 +27,12 @@ from pathlib import Path
 import torch
 
 from metarl import __version__
-from metarl.algorithms.drift import DRIFTS, Drift, make_drift
+from metarl.algorithms.drift import DRIFTS, LPO, SYMBOLIC_INPUTS, Drift, SymbolicDrift, make_drift
 
 FORMAT = "metarl-artifact"
 FORMAT_VERSION = 1
 HANDCRAFTED = {"ppo-clip": "drift", "dpo": "drift", "lpo": "drift"}
+KINDS = ("network", "handcrafted", "symbolic")
 
 
 @dataclass
@@ -49,7 +51,13 @@ class Artifact:
         if self.family != "drift":
             raise ValueError(f"artifact family {self.family!r} is not supported by this "
                              f"version of metarl (supported: drift)")
-        member = make_drift(self.representation["member"])
+        if self.kind == "symbolic":
+            member = SymbolicDrift(self.representation["tree"])
+            return member, member.flat_params()
+        if self.kind == "network" and self.representation["member"] == "lpo":
+            member = LPO(hidden=int(self.representation.get("hidden", 128)))
+        else:
+            member = make_drift(self.representation["member"])
         if self.kind == "handcrafted":
             return member, member.flat_params()
         if self.kind == "network":
@@ -68,8 +76,16 @@ class Artifact:
                  f"representation: {rep['kind']} ({rep.get('member', '')})"]
         if rep["kind"] == "network":
             p = torch.as_tensor(rep["params"])
+            if "hidden" in rep:
+                lines.append(f"hidden width: {rep['hidden']}")
             lines.append(f"parameters: {p.numel()} (norm {float(p.norm()):.4g}, "
                          f"max |w| {float(p.abs().max()) if p.numel() else 0:.4g})")
+        if rep["kind"] == "symbolic":
+            from metarl.algorithms.expression import size
+
+            member = SymbolicDrift(rep["tree"])
+            lines += [f"size: {size(rep['tree'])} nodes", f"formula: {member.formula()}",
+                      "python source:", *("    " + ln for ln in member.source().splitlines())]
         if self.provenance:
             lines.append("provenance:")
             for k, v in self.provenance.items():
@@ -82,13 +98,27 @@ class Artifact:
                 "provenance": self.provenance}
 
 
-def network_artifact(member: str, params: torch.Tensor, provenance: dict,
-                     name: str = "") -> Artifact:
-    prov = {"metarl_version": __version__,
+def _provenance(provenance: dict) -> dict:
+    return {"metarl_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance}
-    return Artifact("drift", {"kind": "network", "member": member,
-                              "params": params.detach().cpu().float().clone()},
-                    prov, name or member)
+
+
+def network_artifact(member: str, params: torch.Tensor, provenance: dict,
+                     name: str = "", hidden: int | None = None) -> Artifact:
+    rep = {"kind": "network", "member": member,
+           "params": params.detach().cpu().float().clone()}
+    if hidden is not None:
+        rep["hidden"] = int(hidden)
+    return Artifact("drift", rep, _provenance(provenance), name or member)
+
+
+def symbolic_artifact(tree, provenance: dict, name: str = "symbolic") -> Artifact:
+    """A drift written as a formula over ``SYMBOLIC_INPUTS`` (checked before it is kept)."""
+    from metarl.algorithms.expression import check_tree
+
+    check_tree(tree, SYMBOLIC_INPUTS)
+    return Artifact("drift", {"kind": "symbolic", "member": "symbolic", "tree": tree,
+                              "inputs": list(SYMBOLIC_INPUTS)}, _provenance(provenance), name)
 
 
 def save(artifact: Artifact, path: str | os.PathLike) -> Path:
@@ -132,10 +162,17 @@ def load(path_or_name: str | os.PathLike) -> Artifact:
             f"version reads up to {FORMAT_VERSION}); upgrade metarl to read it"
         )
     rep = d.get("representation")
-    if not isinstance(rep, dict) or rep.get("kind") not in ("network", "handcrafted"):
+    if not isinstance(rep, dict) or rep.get("kind") not in KINDS:
         raise ValueError(f"{key} is a damaged metarl artifact (its representation has no "
-                         f"known kind: network or handcrafted)")
-    if rep.get("member") not in DRIFTS:
+                         f"known kind: {', '.join(KINDS)})")
+    if rep["kind"] == "symbolic":
+        from metarl.algorithms.expression import ExpressionError, check_tree
+
+        try:
+            check_tree(rep.get("tree"), rep.get("inputs") or SYMBOLIC_INPUTS)
+        except ExpressionError as e:
+            raise ValueError(f"{key} is a damaged symbolic artifact: {e}") from None
+    elif rep.get("member") not in DRIFTS:
         raise ValueError(f"{key}: unknown member {rep.get('member')!r}; known: "
                          f"{', '.join(DRIFTS)}")
     if rep["kind"] == "network" and not isinstance(rep.get("params"), torch.Tensor):

@@ -44,6 +44,28 @@ def _parse_count(text: str):
     return text  # parsed by metarl.train.parse_seeds, which explains bad input
 
 
+DISTILL_GRID = {"log_ratio_range": (-2.0, 2.0), "log_ratio_step": 1 / 256,
+                "adv_range": (-8.0, 8.0), "adv_step": 1 / 64}
+SYMBOLIC_GRID = {**DISTILL_GRID, "log_ratio_step": 1 / 16, "adv_step": 1 / 4}
+
+
+def _grid_flags(p: argparse.ArgumentParser, d: dict) -> None:
+    g = p.add_argument_group("synthetic grid (log r = k * step; A from its range by step)")
+    g.add_argument("--log-ratio-range", nargs=2, type=float, default=d["log_ratio_range"],
+                   metavar=("MIN", "MAX"))
+    g.add_argument("--log-ratio-step", type=float, default=d["log_ratio_step"])
+    g.add_argument("--adv-range", nargs=2, type=float, default=d["adv_range"],
+                   metavar=("MIN", "MAX"))
+    g.add_argument("--adv-step", type=float, default=d["adv_step"])
+
+
+def _grid(ns):
+    from metarl.meta.families import DriftGrid
+
+    return DriftGrid(ns.log_ratio_range[0], ns.log_ratio_range[1], ns.log_ratio_step,
+                     ns.adv_range[0], ns.adv_range[1], ns.adv_step)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from metarl import __version__
 
@@ -106,6 +128,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_config_flags(p)
 
+    p = sub.add_parser("distill", help="black-box distillation of a learned network into a "
+                       "network of the same or another width (no environment samples)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("teacher", help="a network artifact (e.g. best.pt of meta-train)")
+    p.add_argument("--hidden", type=int, default=128, help="student width (LPO: 128)")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the grid")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr-start", type=float, default=1e-4, help="Adam learning rate at start")
+    p.add_argument("--lr-end", type=float, default=1e-5,
+                   help="learning rate at the end (linear anneal, per step)")
+    p.add_argument("--holdout", type=float, default=0.05,
+                   help="share of grid points kept out of training (val_grad_mse)")
+    p.add_argument("--init-scale", type=float, default=1.0,
+                   help="student init: uniform(+-scale/sqrt(fan_in))")
+    p.add_argument("--seed", type=int, default=0)
+    _grid_flags(p, DISTILL_GRID)
+    p.add_argument("--wandb", default="offline", choices=["offline", "online", "off"])
+    p.add_argument("--out", default=None, help="run directory (default: runs/distill-...)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's Lightning checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    p = sub.add_parser("symbolic", help="symbolic distillation of a drift into formulas",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("teacher", help="an artifact file or a handcrafted name (ppo-clip, dpo)")
+    p.add_argument("--backend", default="gplearn", choices=["gplearn", "pysr"],
+                   help="gplearn is pure Python; pysr needs a Julia installation")
+    p.add_argument("--at-one", default="reject", choices=["reject", "repair"],
+                   help="a formula not 0 at r = 1: never choose it (reject, the paper's), "
+                        "or subtract its value at r = 1 (repair)")
+    p.add_argument("--max-size", type=int, default=40, help="largest formula, in nodes")
+    p.add_argument("--max-depth", type=int, default=8)
+    p.add_argument("--population", type=int, default=1000)
+    p.add_argument("--generations", type=int, default=20)
+    p.add_argument("--parsimony", type=float, default=0.001,
+                   help="penalty per node during the search")
+    p.add_argument("--seed", type=int, default=0)
+    _grid_flags(p, SYMBOLIC_GRID)
+    p.add_argument("--evaluate", nargs="*", default=None, metavar="ENV",
+                   help="then evaluate the teacher and both chosen formulas on these "
+                        "environments (in <out>/evaluate)")
+    p.add_argument("--seeds", default="8", help="seeds for --evaluate")
+    p.add_argument("--out", default=None, help="run directory (default: runs/symbolic-...)")
+
     p = sub.add_parser("quickstart", help="short LPO meta-training, then its evaluation "
                        "against ppo-clip and dpo (about ten minutes on 2 cores)")
     p.add_argument("--out", default="runs/quickstart", help="run directory")
@@ -149,6 +215,37 @@ def cmd_evaluate(ns) -> int:
     return 0
 
 
+def cmd_distill(ns) -> int:
+    from metarl.meta.distill import DistillConfig, distill
+
+    cfg = DistillConfig(teacher=ns.teacher, hidden=ns.hidden, grid=_grid(ns), epochs=ns.epochs,
+                        batch_size=ns.batch_size, lr_start=ns.lr_start, lr_end=ns.lr_end,
+                        holdout=ns.holdout, init_scale=ns.init_scale, seed=ns.seed,
+                        wandb=ns.wandb)
+    distill(cfg, out=ns.out, resume=ns.resume, progress=not ns.no_progress)
+    return 0
+
+
+def cmd_symbolic(ns) -> int:
+    from metarl.meta.symbolic import SymbolicConfig, symbolic_distill
+
+    cfg = SymbolicConfig(teacher=ns.teacher, backend=ns.backend, at_one=ns.at_one,
+                         grid=_grid(ns), max_size=ns.max_size, max_depth=ns.max_depth,
+                         population=ns.population, generations=ns.generations,
+                         parsimony=ns.parsimony, seed=ns.seed)
+    results = symbolic_distill(cfg, out=ns.out)
+    if ns.evaluate is not None:
+        from pathlib import Path
+
+        from metarl.evaluate import evaluate
+
+        arts = results["artifacts"]
+        envs = ns.evaluate or ["CartPole-v1"]
+        evaluate([ns.teacher, arts["lowest-loss"], arts["best-score"]], envs, ns.seeds,
+                 out=Path(results["run_dir"]) / "evaluate")
+    return 0
+
+
 def cmd_quickstart(ns) -> int:
     from metarl.quickstart import quickstart
 
@@ -178,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     handler = {"train": cmd_train, "meta-train": cmd_meta_train, "evaluate": cmd_evaluate,
+               "distill": cmd_distill, "symbolic": cmd_symbolic,
                "quickstart": cmd_quickstart, "show": cmd_show, "envs": cmd_envs}[ns.command]
     try:
         return handler(ns)

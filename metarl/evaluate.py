@@ -67,8 +67,8 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
             drift, params = art.build()
             row = {"algorithm": art.name, "source": spec, "kind": art.kind,
                    "method": art.provenance.get("method", ""),
-                   "find_env_steps": art.provenance.get("env_steps", 0),
-                   "find_wall_time": art.provenance.get("wall_time", 0.0), "envs": {}}
+                   "find_env_steps": find_cost(art.provenance, "env_steps"),
+                   "find_wall_time": find_cost(art.provenance, "wall_time"), "envs": {}}
             for env_id, c in configs.items():
                 res = train(c, drift, params, seeds, progress=progress)
                 mean, se = _stats(res.final_return)
@@ -101,6 +101,14 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
     return results
 
 
+def find_cost(provenance: dict, key: str):
+    """What finding the algorithm cost: its own method's ``key`` plus, for an algorithm
+    distilled from a teacher, the teacher's (recursively)."""
+    own = provenance.get(key, 0) or 0
+    teacher = provenance.get("teacher_provenance")
+    return own + (find_cost(teacher, key) if isinstance(teacher, dict) else 0)
+
+
 def _cell(e: dict) -> str:
     if not math.isfinite(e["mean"]):
         return "failed"
@@ -120,7 +128,8 @@ def _markdown(rows, in_dist, general) -> str:
                      + f" | {r['find_env_steps']:,} | {r['find_wall_time']:.0f} s |")
     lines.append("")
     lines.append("Final return, mean ± standard error over seeds; in parentheses, divided by the "
-                 "environment's PPO reference return.")
+                 "environment's PPO reference return. The cost to find a distilled algorithm "
+                 "includes its teacher's.")
     return "\n".join(lines)
 
 

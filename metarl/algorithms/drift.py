@@ -155,6 +155,56 @@ class LPO(Drift):
         return torch.relu(self.network(ratio, advantage) - self.offset + torch.relu(ppo))
 
 
+#: the inputs of a symbolic drift, in order: log r, r - 1 and the advantage
+SYMBOLIC_INPUTS = ("log_r", "r_minus_1", "A")
+
+
+class SymbolicDrift(Drift):
+    """A drift written as a formula over ``(log r, r - 1, A)`` (symbolic distillation).
+
+    ``drift = relu(f(log r, r - 1, A))``; ``f`` is an expression tree
+    (:mod:`metarl.algorithms.expression`) with guarded division. The ``relu`` keeps the
+    family's ``drift >= 0`` whatever the formula; being 0 at ``r = 1`` is checked (or
+    repaired) when the formula is chosen. ``clip_eps`` is not an input of the formula.
+    """
+
+    name = "symbolic"
+
+    def __init__(self, tree):
+        super().__init__()
+        from metarl.algorithms.expression import compile_tree
+
+        self.tree = tree
+        self.fn = compile_tree(tree, SYMBOLIC_INPUTS)
+
+    def forward(self, ratio, advantage, clip_eps=0.2):
+        return torch.relu(self.fn(torch.log(ratio), ratio - 1.0, advantage))
+
+    def formula(self) -> str:
+        import sympy as sp
+
+        from metarl.algorithms.expression import to_sympy
+
+        syms = {n: sp.Symbol(n) for n in SYMBOLIC_INPUTS}
+        return f"drift = relu({sp.N(to_sympy(self.tree, syms), 6)})"
+
+    def source(self) -> str:
+        from metarl.algorithms.expression import DIV_GUARD, to_source
+
+        body = to_source(self.tree, SYMBOLIC_INPUTS)
+        lines = ["import torch", ""]
+        if "guard(" in body:
+            lines += ["", "def guard(b):",
+                      f"    # division guard: |b| < {DIV_GUARD} becomes +-{DIV_GUARD}",
+                      "    sign = torch.where(b < 0, -1.0, 1.0)",
+                      f"    return torch.where(b.abs() < {DIV_GUARD}, sign * {DIV_GUARD}, b)",
+                      ""]
+        lines += ["", "def drift(ratio, advantage, clip_eps=0.2):",
+                  "    log_r, r_minus_1, A = torch.log(ratio), ratio - 1.0, advantage",
+                  f"    return torch.relu({body})", ""]
+        return "\n".join(lines)
+
+
 DRIFTS: dict[str, type[Drift]] = {"ppo-clip": PPOClip, "dpo": DPO, "lpo": LPO}
 
 
