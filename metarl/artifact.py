@@ -7,7 +7,9 @@ Every meta-learning method writes one, every evaluation reads one. An artifact h
   "lpo", "params": Tensor[n], ...}`` for a network; ``{"kind": "handcrafted", "member":
   "ppo-clip"}`` for a handcrafted member, ``{"kind": "symbolic", "member": "symbolic",
   "tree": [...], "inputs": [...]}`` for a formula (:mod:`metarl.algorithms.expression`;
-  a tree of allowed operators, never evaluated text),
+  a tree of allowed operators, never evaluated text), ``{"kind": "code", "member": "code",
+  "source": "...", "function": "drift"}`` for Python source proposed by a model (untrusted:
+  :meth:`Artifact.build` runs it only in a sandboxed child process),
 - ``provenance``: the method and its settings, meta-training environments, environment
   steps and wall time spent finding it, seed, metarl version, creation time.
 
@@ -32,7 +34,7 @@ from metarl.algorithms.drift import DRIFTS, LPO, SYMBOLIC_INPUTS, Drift, Symboli
 FORMAT = "metarl-artifact"
 FORMAT_VERSION = 1
 HANDCRAFTED = {"ppo-clip": "drift", "dpo": "drift", "lpo": "drift"}
-KINDS = ("network", "handcrafted", "symbolic")
+KINDS = ("network", "handcrafted", "symbolic", "code")
 
 
 @dataclass
@@ -53,6 +55,14 @@ class Artifact:
                              f"version of metarl (supported: drift)")
         if self.kind == "symbolic":
             member = SymbolicDrift(self.representation["tree"])
+            return member, member.flat_params()
+        if self.kind == "code":
+            # Untrusted source: it runs only in a sandboxed child; the caller closes it
+            # (member.close()) when done, or it is closed when garbage-collected.
+            from metarl.meta.sandbox import DriftSandbox, SandboxedDrift
+
+            box = DriftSandbox(self.representation["source"]).start()
+            member = SandboxedDrift(box)
             return member, member.flat_params()
         if self.kind == "network" and self.representation["member"] == "lpo":
             member = LPO(hidden=int(self.representation.get("hidden", 128)))
@@ -86,6 +96,9 @@ class Artifact:
             member = SymbolicDrift(rep["tree"])
             lines += [f"size: {size(rep['tree'])} nodes", f"formula: {member.formula()}",
                       "python source:", *("    " + ln for ln in member.source().splitlines())]
+        if rep["kind"] == "code":
+            lines += ["python source (untrusted; runs only in the sandbox):",
+                      *("    " + ln for ln in rep["source"].rstrip().splitlines())]
         if self.provenance:
             lines.append("provenance:")
             for k, v in self.provenance.items():
@@ -119,6 +132,14 @@ def symbolic_artifact(tree, provenance: dict, name: str = "symbolic") -> Artifac
     check_tree(tree, SYMBOLIC_INPUTS)
     return Artifact("drift", {"kind": "symbolic", "member": "symbolic", "tree": tree,
                               "inputs": list(SYMBOLIC_INPUTS)}, _provenance(provenance), name)
+
+
+def code_artifact(source: str, function: str, provenance: dict, name: str = "code") -> Artifact:
+    """A drift written as Python source (an LLM proposal). Loading it runs nothing."""
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError("a code artifact needs non-empty Python source")
+    return Artifact("drift", {"kind": "code", "member": "code", "source": source,
+                              "function": function}, _provenance(provenance), name)
 
 
 def save(artifact: Artifact, path: str | os.PathLike) -> Path:
@@ -172,6 +193,9 @@ def load(path_or_name: str | os.PathLike) -> Artifact:
             check_tree(rep.get("tree"), rep.get("inputs") or SYMBOLIC_INPUTS)
         except ExpressionError as e:
             raise ValueError(f"{key} is a damaged symbolic artifact: {e}") from None
+    elif rep["kind"] == "code":
+        if not isinstance(rep.get("source"), str) or not rep["source"].strip():
+            raise ValueError(f"{key} is a damaged code artifact (no Python source)")
     elif rep.get("member") not in DRIFTS:
         raise ValueError(f"{key}: unknown member {rep.get('member')!r}; known: "
                          f"{', '.join(DRIFTS)}")

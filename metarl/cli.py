@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="8", help="number of seeds or a comma-separated list")
     p.add_argument("--meta-train-envs", nargs="*", default=None,
                    help="the in-distribution environments (default: from the artifacts)")
+    p.add_argument("--tune-lr", action="store_true",
+                   help="first tune the agent learning rate per algorithm and environment "
+                        "(x0.25 .. x4 of the default, on separate seeds), as the paper allows "
+                        "for LLM proposals")
     p.add_argument("--out", default=None, help="run directory (default: runs/evaluate-...)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_config_flags(p)
@@ -172,6 +176,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="8", help="seeds for --evaluate")
     p.add_argument("--out", default=None, help="run directory (default: runs/symbolic-...)")
 
+    p = sub.add_parser("propose", help="an LLM proposes algorithm code, scored in a sandbox",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("family", help="the family whose code is proposed: lpo (drift functions)")
+    p.add_argument("--model", default="o3-mini", help="model name the endpoint serves")
+    p.add_argument("--base-url", default=None,
+                   help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM) or "
+                        "http://127.0.0.1:11434/v1 (Ollama); default: OpenAI's")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="the environment variable holding the API key (never a flag)")
+    p.add_argument("--envs", nargs="*", default=["CartPole-v1"],
+                   help="meta-training environments (fitness: mean normalised return)")
+    p.add_argument("--generations", type=int, default=30, help="proposals (the paper: 30)")
+    p.add_argument("--seeds", type=int, default=8, help="fixed seeds 0..N-1 per proposal")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--max-retries", type=int, default=6,
+                   help="retries of a failing request (network, 429, 5xx), with backoff")
+    p.add_argument("--retry-base", type=float, default=2.0,
+                   help="first backoff in seconds, doubled on each retry")
+    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--call-timeout", type=float, default=60.0,
+                   help="sandbox: seconds for one evaluation of the proposed function")
+    p.add_argument("--memory-mb", type=int, default=4096, help="sandbox: address-space limit")
+    p.add_argument("--cpu-s", type=int, default=3600, help="sandbox: CPU-seconds limit")
+    p.add_argument("--out", default=None, help="run directory (default: runs/propose-...)")
+    p.add_argument("--resume", action="store_true", help="continue the run's conversation")
+    add_config_flags(p)
+
     p = sub.add_parser("quickstart", help="short LPO meta-training, then its evaluation "
                        "against ppo-clip and dpo (about ten minutes on 2 cores)")
     p.add_argument("--out", default="runs/quickstart", help="run directory")
@@ -208,10 +239,11 @@ def cmd_meta_train(ns) -> int:
 
 
 def cmd_evaluate(ns) -> int:
-    from metarl.evaluate import evaluate
+    from metarl.evaluate import LR_FACTORS, evaluate
 
     evaluate(ns.algorithms, list(ns.envs), ns.seeds, meta_train_envs=ns.meta_train_envs,
-             out=ns.out, progress=not ns.no_progress, **config_overrides(ns))
+             out=ns.out, progress=not ns.no_progress,
+             tune_lr_factors=LR_FACTORS if ns.tune_lr else None, **config_overrides(ns))
     return 0
 
 
@@ -246,6 +278,24 @@ def cmd_symbolic(ns) -> int:
     return 0
 
 
+def cmd_propose(ns) -> int:
+    from metarl.meta.propose import ProposeConfig, ProposeError, propose
+
+    cfg = ProposeConfig(family=ns.family, model=ns.model, base_url=ns.base_url,
+                        api_key_env=ns.api_key_env, envs=list(ns.envs),
+                        generations=ns.generations, seeds=ns.seeds, inner=config_overrides(ns),
+                        temperature=ns.temperature, request_timeout_s=ns.request_timeout,
+                        max_retries=ns.max_retries, retry_base_s=ns.retry_base,
+                        call_timeout_s=ns.call_timeout, memory_mb=ns.memory_mb,
+                        cpu_s=ns.cpu_s)
+    try:
+        propose(cfg, out=ns.out, resume=ns.resume)
+    except ProposeError as e:
+        print(f"metarl propose: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def cmd_quickstart(ns) -> int:
     from metarl.quickstart import quickstart
 
@@ -275,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     handler = {"train": cmd_train, "meta-train": cmd_meta_train, "evaluate": cmd_evaluate,
-               "distill": cmd_distill, "symbolic": cmd_symbolic,
+               "distill": cmd_distill, "symbolic": cmd_symbolic, "propose": cmd_propose,
                "quickstart": cmd_quickstart, "show": cmd_show, "envs": cmd_envs}[ns.command]
     try:
         return handler(ns)

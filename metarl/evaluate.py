@@ -10,6 +10,7 @@ environments the algorithm was meta-trained on (in distribution) and the others
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import time
 import warnings
@@ -32,13 +33,36 @@ def _stats(x: torch.Tensor) -> tuple[float, float]:
     return float(x.mean()), se
 
 
+LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+TUNE_SEED_OFFSET = 10_000
+
+
+def tune_lr(config, drift, params, seeds: list[int], factors=LR_FACTORS,
+            progress: bool = False) -> tuple[float, dict]:
+    """The agent learning rate, from ``factors`` x the environment's, with the highest mean
+    final return on tuning seeds (``seeds`` shifted by 10,000, so the seeds that are
+    reported were not used to choose it)."""
+    tune_seeds = [s + TUNE_SEED_OFFSET for s in seeds]
+    scores = {}
+    for f in factors:
+        lr = config.lr * f
+        res = train(dataclasses.replace(config, lr=lr), drift, params, tune_seeds,
+                    progress=progress)
+        x = res.final_return[torch.isfinite(res.final_return)]
+        scores[lr] = float(x.mean()) if x.numel() else float("-inf")
+    return max(scores, key=scores.get), scores
+
+
 def evaluate(algorithms: list[str], envs: list[str], seeds=8,
              meta_train_envs: list[str] | None = None, out: str | Path | None = None,
-             progress: bool = True, echo=print, **overrides) -> dict:
+             progress: bool = True, echo=print, tune_lr_factors=None, **overrides) -> dict:
     """Train every algorithm on every environment for every seed; write the run directory.
 
     ``meta_train_envs`` marks the in-distribution columns; by default it is read from the
     artifacts' provenance. ``overrides`` are inner-loop configuration fields.
+    ``tune_lr_factors`` (e.g. :data:`LR_FACTORS`) tunes the agent learning rate per
+    algorithm and environment first (:func:`tune_lr`), as the paper allows for LLM
+    proposals; the chosen rate is in the table and in ``results.json``.
     """
     if not algorithms:
         raise ValueError("name at least one algorithm: an artifact file or ppo-clip, dpo, lpo")
@@ -60,16 +84,21 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
     run.write_config({"command": "evaluate", "version": __version__, "algorithms": algorithms,
                       "envs": envs, "seeds": seeds, "meta_train_envs": meta_train_envs,
                       "inner": {e: c.to_dict() for e, c in configs.items()}})
-    rows, curves = [], {}
+    rows, curves, closers = [], {}, []
     t0 = time.perf_counter()
     try:
         for art, spec in zip(arts, algorithms):
             drift, params = art.build()
+            closers.append(getattr(drift, "sandbox", None))
             row = {"algorithm": art.name, "source": spec, "kind": art.kind,
                    "method": art.provenance.get("method", ""),
                    "find_env_steps": find_cost(art.provenance, "env_steps"),
                    "find_wall_time": find_cost(art.provenance, "wall_time"), "envs": {}}
             for env_id, c in configs.items():
+                lr_scores = None
+                if tune_lr_factors:
+                    lr, lr_scores = tune_lr(c, drift, params, seeds, tune_lr_factors)
+                    c = dataclasses.replace(c, lr=lr)
                 res = train(c, drift, params, seeds, progress=progress)
                 mean, se = _stats(res.final_return)
                 ref = c.reference_return
@@ -78,12 +107,13 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
                                        "stderr": se, "normalized_mean": nmean,
                                        "normalized_stderr": nse,
                                        "in_distribution": env_id in meta_train_envs,
-                                       "failed": int(res.failed.sum())}
+                                       "failed": int(res.failed.sum()), "lr": c.lr,
+                                       "lr_scores": lr_scores}
                 curves[(art.name, env_id)] = (res.timesteps, res.curve)
                 run.log(algorithm=art.name, env=env_id, mean=mean, stderr=se,
                         final_return=res.final_return)
             rows.append(row)
-        table = _markdown(rows, in_dist, general)
+        table = _markdown(rows, in_dist, general, tuned=bool(tune_lr_factors))
         run.write_summary(f"# metarl evaluate\n\nseeds {seeds}; meta-training environments: "
                           f"{', '.join(meta_train_envs) or 'none'}\n\n{table}\n")
         (run.path / "table.md").write_text(table + "\n")
@@ -95,6 +125,9 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
         run.write_results(results)
     finally:
         run.close()
+        for box in closers:  # sandboxes of code artifacts
+            if box is not None:
+                box.close()
     echo(table)
     echo(f"\nrun directory: {run.path}")
     results["out"] = str(run.path)
@@ -109,27 +142,33 @@ def find_cost(provenance: dict, key: str):
     return own + (find_cost(teacher, key) if isinstance(teacher, dict) else 0)
 
 
-def _cell(e: dict) -> str:
+def _cell(e: dict, tuned: bool = False) -> str:
     if not math.isfinite(e["mean"]):
         return "failed"
     s = f"{e['mean']:.1f} ± {e['stderr']:.1f}"
     if e["normalized_mean"] is not None:
         s += f" ({e['normalized_mean']:.2f})"
+    if tuned:
+        s += f" [lr {e['lr']:.2g}]"
     return s
 
 
-def _markdown(rows, in_dist, general) -> str:
+def _markdown(rows, in_dist, general, tuned: bool = False) -> str:
     cols = [f"{e} (in dist.)" for e in in_dist] + [f"{e} (generalisation)" for e in general]
     head = "| algorithm | " + " | ".join(cols) + " | env steps to find | time to find |"
     lines = [head, "|---|" + "---:|" * (len(cols) + 2)]
     for r in rows:
-        cells = [_cell(r["envs"][e]) for e in in_dist + general]
+        cells = [_cell(r["envs"][e], tuned) for e in in_dist + general]
         lines.append(f"| {r['algorithm']} | " + " | ".join(cells)
                      + f" | {r['find_env_steps']:,} | {r['find_wall_time']:.0f} s |")
     lines.append("")
     lines.append("Final return, mean ± standard error over seeds; in parentheses, divided by the "
                  "environment's PPO reference return. The cost to find a distilled algorithm "
                  "includes its teacher's.")
+    if tuned:
+        lines.append("The agent learning rate [lr] was tuned per algorithm and environment "
+                     "on separate seeds (seed + 10000) from x0.25, x0.5, x1, x2, x4 of the "
+                     "environment's default.")
     return "\n".join(lines)
 
 

@@ -1,0 +1,471 @@
+"""LLM proposal: a language model writes new algorithm code, in context of its earlier
+proposals and their fitness (DiscoPOP's loop; ALGORITHMS.md, LLM proposal).
+
+``metarl propose lpo --model o3-mini [--base-url URL] --envs CartPole-v1 --generations 30``
+
+One growing chat. The system prompt is generated from the family (:class:`ProposalFamily`:
+its signature, a docstring describing every input, its constraints and a worked example).
+The first user message shows the warm start (the handcrafted member's source) and its
+measured fitness. Each answer must be a JSON object with ``thought``, ``name`` and ``code``.
+Each generation:
+
+1. the model is asked (network errors, timeouts, rate limits and 5xx answers are retried
+   with exponential backoff and do not cost a generation; when the retries run out the run
+   stops with a message, saved, and ``--resume`` continues it);
+2. a malformed answer is fed back as an error and counts as a generation;
+3. the code is loaded in a sandboxed child process (:mod:`metarl.meta.sandbox`), validated
+   (one function of the family's signature; random inputs of the stated shapes; right
+   shape; no NaN; the family's constraints), then the PPO inner loop trains agents on the
+   meta-training environments with the fixed seeds, **in this process**, asking the child
+   only for drift values and gradients. Fitness is computed here from the raw returns:
+   the mean over environments of the mean final return divided by the environment's
+   reference return. A proposal cannot report or alter its own score;
+4. failures score ``FAILED_FITNESS`` (-10000, the paper's) and the model reads
+   ``Code not valid. Error: ...``; successes read ``Fitness: X``.
+
+After every generation the conversation, the archive of (name, thought, code, fitness,
+error) and the best proposal are saved atomically (``state.json``, ``archive.json``,
+``conversation.json``, ``best.pt``); ``--resume`` continues the same conversation. The API
+key is read from the environment variable named by ``api_key_env`` (``OPENAI_API_KEY``) and
+is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from metarl import artifact as art_mod
+from metarl.inner.ppo import prepare_configs, train
+from metarl.logging import RunDir, write_json_atomic, write_text_atomic
+
+FAILED_FITNESS = -10000.0
+
+
+# --------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class ProposalFamily:
+    """What the loop needs to know about a family to ask for, check and score its code."""
+
+    name: str
+    slot: str
+    function: str
+    signature: str
+    docstring: str
+    constraints: str
+    example: dict
+    warm_start_name: str
+    warm_start_code: str
+
+    def system_prompt(self) -> str:
+        example = json.dumps(self.example, indent=2)
+        return (
+            f"You are a reinforcement-learning researcher searching for a better {self.slot} "
+            f"function. Each function you write replaces the {self.slot} of an RL algorithm, "
+            f"and agents are trained with it; you are told the fitness of each proposal and "
+            f"use it to write better ones.\n\n"
+            f"Write one Python function with exactly this signature, using torch "
+            f"(already imported as `torch`; `math` is available too):\n\n"
+            f"```python\n{self.signature}\n    \"\"\"{self.docstring}\"\"\"\n```\n\n"
+            f"Constraints:\n{self.constraints}\n\n"
+            f"Answer with one JSON object and nothing else, with keys \"thought\" (your "
+            f"reasoning, briefly), \"name\" (a short snake_case name) and \"code\" (the "
+            f"complete Python source defining exactly one function). For example:\n\n"
+            f"{example}\n")
+
+    def first_message(self, fitness: float) -> str:
+        return (f"Here is the starting point, {self.warm_start_name}:\n\n```python\n"
+                f"{self.warm_start_code}```\n\n{fitness_text(fitness)}\n\n"
+                f"Propose a new {self.slot} function that reaches a higher fitness.")
+
+
+LPO_FAMILY = ProposalFamily(
+    name="lpo",
+    slot="drift",
+    function="drift",
+    signature="def drift(ratio: torch.Tensor, advantage: torch.Tensor, "
+              "clip_eps: float) -> torch.Tensor:",
+    docstring="""The drift of Mirror Learning, which PPO's clipped objective is an instance of.
+
+    The policy is trained to maximise mean(ratio * advantage - drift), so the drift is a
+    penalty on moving the policy.
+
+    ratio: pi_new(a|s) / pi_old(a|s) for each sample, a positive float32 tensor (any
+        shape; typically between 0.1 and 10, most samples near 1).
+    advantage: the GAE advantage of each sample, normalised per minibatch to mean 0 and
+        standard deviation 1; same shape as ratio.
+    clip_eps: PPO's clip range epsilon, a float (0.2).
+    returns: the drift of each sample, same shape as ratio.
+    """,
+    constraints="""- The result has the shape of `ratio` and is computed elementwise (no reductions
+  over the batch), with no NaN or infinity for any positive ratio and any advantage.
+- The drift is non-negative everywhere: drift >= 0.
+- At ratio == 1 the drift is 0 and its derivative with respect to ratio is 0.
+- It must be differentiable with torch autograd (no .item(), numpy or in-place tricks).
+- The agent learning rate is tuned per environment and annealed linearly to 0; each
+  environment's fitness is the final return divided by PPO's return there.""",
+    example={"thought": "A squared penalty on the log-ratio, stronger where the advantage "
+                        "pushes the policy further, keeps the update small and is flat at 1.",
+             "name": "weighted_log_ratio_penalty",
+             "code": "def drift(ratio, advantage, clip_eps):\n"
+                     "    log_r = torch.log(ratio)\n"
+                     "    return 0.5 * advantage.abs() * log_r ** 2\n"},
+    warm_start_name="PPO's clipped objective written as a drift",
+    warm_start_code="def drift(ratio, advantage, clip_eps):\n"
+                    "    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)\n"
+                    "    return torch.relu((ratio - clipped) * advantage)\n",
+)
+
+FAMILIES = {"lpo": LPO_FAMILY}
+
+
+def fitness_text(fitness: float) -> str:
+    return f"Fitness: {fitness:.4f}"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class ProposeConfig:
+    family: str = "lpo"
+    model: str = "o3-mini"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    envs: list = field(default_factory=lambda: ["CartPole-v1"])
+    generations: int = 30
+    seeds: int = 8
+    inner: dict = field(default_factory=dict)
+    temperature: float | None = None
+    request_timeout_s: float = 300.0
+    max_retries: int = 6
+    retry_base_s: float = 2.0
+    call_timeout_s: float = 60.0
+    memory_mb: int = 4096
+    cpu_s: int = 3600
+
+    def differences(self, saved: dict) -> list[str]:
+        now = json.loads(json.dumps(asdict(self)))
+        keys = ("family", "model", "envs", "seeds", "inner")  # the endpoint may move
+        return [f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in keys
+                if saved.get(k) != now[k]]
+
+
+class ProposeError(RuntimeError):
+    """The loop cannot go on (the model endpoint keeps failing, a bad configuration)."""
+
+
+def check_propose_config(cfg: ProposeConfig):
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"unknown family {cfg.family!r} for proposal; families with a "
+                         f"signature and a handcrafted warm start: {', '.join(FAMILIES)}")
+    if cfg.generations < 1 or cfg.seeds < 1:
+        raise ValueError(f"generations and seeds must be at least 1, got "
+                         f"{cfg.generations} and {cfg.seeds}")
+    if cfg.max_retries < 0 or cfg.retry_base_s < 0:
+        raise ValueError("max_retries and retry_base_s must be >= 0")
+    if cfg.base_url is not None and not re.match(r"^https?://", cfg.base_url):
+        raise ValueError(f"--base-url must start with http:// or https://, got "
+                         f"{cfg.base_url!r} (for example http://127.0.0.1:8000/v1)")
+    if not cfg.model:
+        raise ValueError("--model is empty; give the model name the endpoint serves")
+    configs = prepare_configs(list(cfg.envs), **cfg.inner)
+    missing = [e for e, c in configs.items() if not c.reference_return]
+    if missing:
+        raise ValueError(f"fitness is the final return divided by the environment's PPO "
+                         f"reference return, and {', '.join(missing)} has none; choose "
+                         f"environments with one (CartPole-v1, Acrobot-v1, ...) or pass "
+                         f"--reference-return")
+    from metarl.meta.sandbox import SandboxLimits
+
+    SandboxLimits(call_timeout_s=cfg.call_timeout_s, memory_mb=cfg.memory_mb, cpu_s=cfg.cpu_s)
+    return configs
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class ChatClient:
+    """The ``openai`` client, with retries and backoff of our own (so they are counted and
+    reported) for network errors, timeouts, rate limits and 5xx answers."""
+
+    def __init__(self, cfg: ProposeConfig, log=print, sleep=time.sleep):
+        try:
+            import openai
+        except ImportError:
+            raise ImportError("metarl propose needs the openai package: "
+                              "pip install 'metarl[llm]'") from None
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            if cfg.base_url is None:
+                raise ValueError(
+                    f"no API key: set the environment variable {cfg.api_key_env} (the key is "
+                    f"read from the environment only), or point --base-url at a server "
+                    f"that needs none (vLLM, Ollama)")
+            key = "none"  # local OpenAI-compatible servers accept any key
+        self.openai, self.cfg, self.log, self.sleep = openai, cfg, log, sleep
+        self.client = openai.OpenAI(api_key=key, base_url=cfg.base_url, max_retries=0,
+                                    timeout=cfg.request_timeout_s)
+        self.retries = 0
+
+    def complete(self, messages: list[dict]) -> str:
+        o = self.openai
+        retryable = (o.APIConnectionError, o.APITimeoutError, o.RateLimitError,
+                     o.InternalServerError)
+        kwargs = {} if self.cfg.temperature is None else {"temperature": self.cfg.temperature}
+        last = None
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                out = self.client.chat.completions.create(model=self.cfg.model,
+                                                          messages=messages, **kwargs)
+                return out.choices[0].message.content or ""
+            except retryable as e:
+                last = e
+            except o.APIStatusError as e:
+                if e.status_code in (408, 409) or e.status_code >= 500:
+                    last = e
+                else:
+                    raise ProposeError(f"the model endpoint refused the request "
+                                       f"(HTTP {e.status_code}): {_short(e)}") from None
+            if attempt < self.cfg.max_retries:
+                wait = self.cfg.retry_base_s * 2 ** attempt
+                self.retries += 1
+                self.log(f"model endpoint: {_short(last)}; retry {attempt + 1}/"
+                         f"{self.cfg.max_retries} in {wait:.1f} s")
+                self.sleep(wait)
+        raise ProposeError(f"the model endpoint failed {self.cfg.max_retries + 1} times "
+                           f"in a row, last: {_short(last)}. The run is saved; continue it "
+                           f"with --resume")
+
+
+def _short(e) -> str:
+    status = getattr(e, "status_code", None)
+    return f"{type(e).__name__}" + (f" (HTTP {status})" if status else "") + \
+        (f": {str(e)[:200]}" if str(e) else "")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_answer(text: str) -> dict:
+    """``{"thought", "name", "code"}`` from the model's answer; ValueError says what is wrong.
+
+    A JSON object, optionally inside a fenced code block, is accepted."""
+    s = text.strip()
+    m = re.search(r"```(?:json)?\s*(\{.*\})\s*```", s, flags=re.S)
+    if m:
+        s = m.group(1)
+    elif not s.startswith("{") and "{" in s:
+        s = s[s.index("{"):s.rindex("}") + 1] if "}" in s else s
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the answer is not valid JSON ({e.msg} at line {e.lineno} column "
+                         f"{e.colno}); answer with one JSON object with keys thought, name "
+                         f"and code") from None
+    if not isinstance(obj, dict):
+        raise ValueError("the answer must be a JSON object with keys thought, name and code")
+    missing = [k for k in ("thought", "name", "code") if not isinstance(obj.get(k), str)]
+    if missing:
+        raise ValueError(f"the JSON object lacks string values for: {', '.join(missing)}")
+    if not obj["code"].strip():
+        raise ValueError("the code is empty")
+    return {k: obj[k] for k in ("thought", "name", "code")}
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score_code(code: str, configs: dict, seeds: list[int], cfg: ProposeConfig) -> dict:
+    """Validate and train one proposal; the fitness is computed here, from raw returns.
+
+    Returns ``{"fitness", "per_env", "env_steps", "error"}``; never raises for a bad
+    proposal."""
+    from metarl.meta.sandbox import (
+        DriftSandbox,
+        ProposalError,
+        SandboxedDrift,
+        SandboxLimits,
+        validate_drift,
+    )
+
+    limits = SandboxLimits(call_timeout_s=cfg.call_timeout_s, memory_mb=cfg.memory_mb,
+                           cpu_s=cfg.cpu_s, wall_s=max(1800.0, float(cfg.cpu_s)))
+    per_env, env_steps = {}, 0
+    try:
+        with DriftSandbox(code, limits) as box:
+            validate_drift(box.call)
+            drift = SandboxedDrift(box)
+            for env_id, c in configs.items():
+                res = train(c, drift, None, seeds)
+                env_steps += res.env_steps
+                if bool(res.failed.any()):
+                    bad = [s for s, f in zip(seeds, res.failed.tolist()) if f]
+                    raise ProposalError("nan", f"training on {env_id} produced non-finite "
+                                               f"losses or parameters for seeds {bad}")
+                mean = float(res.final_return.mean())
+                per_env[env_id] = {"mean_return": mean,
+                                   "normalized": mean / c.reference_return,
+                                   "final_return": res.final_return.tolist()}
+    except ProposalError as e:
+        return {"fitness": FAILED_FITNESS, "per_env": per_env, "env_steps": env_steps,
+                "error": str(e), "reason": e.reason}
+    fitness = sum(v["normalized"] for v in per_env.values()) / len(per_env)
+    return {"fitness": fitness, "per_env": per_env, "env_steps": env_steps, "error": None,
+            "reason": None}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def propose(cfg: ProposeConfig, out: str | Path | None = None, resume: bool = False,
+            log=print, client: ChatClient | None = None) -> dict:
+    """Run the proposal loop; return the results (also in ``results.json``)."""
+    configs = check_propose_config(cfg)
+    family = FAMILIES[cfg.family]
+    seeds = list(range(cfg.seeds))
+    run_path = Path(out) if out else RunDir.default_path("propose", cfg.family)
+    state_path = run_path / "state.json"
+    if resume:
+        if not state_path.exists():
+            raise ValueError(f"--resume: no saved state at {state_path}; start the run "
+                             f"without --resume")
+        state = json.loads(state_path.read_text())
+        diffs = cfg.differences(state["config"])
+        if diffs:
+            raise ValueError("--resume with a different configuration: " + "; ".join(diffs))
+        _truncate_metrics(run_path / "metrics.jsonl", state["generation"])
+    elif state_path.exists():
+        raise ValueError(f"{run_path} already holds a proposal run; add --resume to continue "
+                         f"it or choose another --out")
+    client = client or ChatClient(cfg, log=log)
+    run = RunDir(run_path, append=resume)
+    public_cfg = json.loads(json.dumps(asdict(cfg)))
+    run.write_config({**public_cfg, "api_key_set": bool(os.environ.get(cfg.api_key_env))})
+    t_start = time.time()
+
+    if not resume:
+        log(f"scoring the warm start ({family.warm_start_name})")
+        warm = score_code(family.warm_start_code, configs, seeds, cfg)
+        if warm["error"]:
+            raise ProposeError(f"the warm start failed: {warm['error']}")
+        entry = {"generation": 0, "name": "warm_start", "thought": family.warm_start_name,
+                 "code": family.warm_start_code, **warm}
+        state = {"config": public_cfg, "generation": 0,
+                 "messages": [{"role": "system", "content": family.system_prompt()},
+                              {"role": "user", "content": family.first_message(
+                                  warm["fitness"])}],
+                 "archive": [entry], "best": 0, "env_steps": warm["env_steps"],
+                 "wall_time": time.time() - t_start, "retries": 0}
+        _save(run_path, state, family, cfg)
+        run.log(**_metrics(entry, state))
+        run.sync()
+    wall0 = state["wall_time"] - time.time()
+
+    try:
+        while state["generation"] < cfg.generations:
+            g = state["generation"] + 1
+            reply = client.complete(state["messages"])
+            messages = state["messages"] + [{"role": "assistant", "content": reply}]
+            try:
+                ans = parse_answer(reply)
+            except ValueError as e:
+                ans = {"name": "", "thought": "", "code": ""}
+                result = {"fitness": FAILED_FITNESS, "per_env": {}, "env_steps": 0,
+                          "error": f"[format] {e}", "reason": "format"}
+            else:
+                log(f"generation {g}: scoring {ans['name']!r}")
+                result = score_code(ans["code"], configs, seeds, cfg)
+            entry = {"generation": g, **ans, **result}
+            feedback = (fitness_text(result["fitness"]) if result["error"] is None
+                        else f"Code not valid. Error: {result['error']}")
+            messages.append({"role": "user", "content": feedback + "\n\nPropose the next "
+                             f"{family.slot} function, as a JSON object."})
+            best = state["archive"][state["best"]]
+            state = {**state, "generation": g, "messages": messages,
+                     "archive": state["archive"] + [entry],
+                     "env_steps": state["env_steps"] + result["env_steps"],
+                     "wall_time": time.time() + wall0,
+                     "retries": state["retries"] + client.retries}
+            client.retries = 0
+            if result["error"] is None and result["fitness"] > best["fitness"]:
+                state["best"] = len(state["archive"]) - 1
+            run.log(**_metrics(entry, state))
+            run.sync()
+            _save(run_path, state, family, cfg)
+            log(f"generation {g}: {ans['name'] or '(malformed)'} -> "
+                f"{feedback.splitlines()[0][:160]}")
+    finally:
+        run.close()
+    return _finish(run_path, state, cfg)
+
+
+def _truncate_metrics(path: Path, generation: int) -> None:
+    """Drop metrics lines of a generation that state.json does not hold (killed between the
+    two writes), so the redone generation is not logged twice."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("generation", 0) <= generation]
+        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def _metrics(entry, state) -> dict:
+    best = state["archive"][state["best"]]
+    return {"generation": entry["generation"], "name": entry["name"],
+            "fitness": entry["fitness"], "error": entry["error"],
+            "reason": entry.get("reason"), "best_fitness": best["fitness"],
+            "best_name": best["name"], "env_steps": state["env_steps"],
+            "wall_time": state["wall_time"]}
+
+
+def _save(run_path: Path, state: dict, family: ProposalFamily, cfg: ProposeConfig) -> None:
+    """Everything needed to continue, written atomically; state.json last (it is the
+    commit point: resume reads it, the other files are views of it)."""
+    write_json_atomic(run_path / "archive.json", state["archive"])
+    write_json_atomic(run_path / "conversation.json", state["messages"])
+    best = state["archive"][state["best"]]
+    prov = {"method": "propose", "model": cfg.model, "base_url": cfg.base_url,
+            "family": family.name, "meta_train_envs": list(cfg.envs), "seeds": cfg.seeds,
+            "generation": best["generation"], "generations_run": state["generation"],
+            "fitness": best["fitness"], "per_env": best["per_env"],
+            "thought": best["thought"], "env_steps": state["env_steps"],
+            "wall_time": round(state["wall_time"], 1)}
+    art_mod.save(art_mod.code_artifact(best["code"], family.function, prov,
+                                       name=f"{family.name}-propose-{best['name']}"),
+                 run_path / "best.pt")
+    write_json_atomic(run_path / "state.json", state)
+
+
+def _finish(run_path: Path, state: dict, cfg: ProposeConfig) -> dict:
+    archive = state["archive"]
+    best = archive[state["best"]]
+    ok = [e for e in archive if e["error"] is None]
+    results = {"generations": state["generation"], "proposals": len(archive) - 1,
+               "valid": len(ok) - 1, "warm_start_fitness": archive[0]["fitness"],
+               "best_fitness": best["fitness"], "best_name": best["name"],
+               "best_generation": best["generation"], "env_steps": state["env_steps"],
+               "wall_time": state["wall_time"], "retries": state["retries"],
+               "failures": {r: sum(1 for e in archive if e.get("reason") == r)
+                            for r in sorted({e.get("reason") for e in archive} - {None})},
+               "best": str(run_path / "best.pt")}
+    write_json_atomic(run_path / "results.json", results)
+    lines = [f"# metarl propose {cfg.family} with {cfg.model}", "",
+             f"{results['generations']} generations on {', '.join(cfg.envs)} with "
+             f"{cfg.seeds} seeds; {results['valid']} valid proposals of "
+             f"{results['proposals']}; {state['env_steps']:,} env steps; "
+             f"{state['wall_time']:.0f} s.", "",
+             "| gen | name | fitness | error |", "|---:|---|---:|---|"]
+    for e in archive:
+        err = (e["error"] or "").splitlines()[0][:100] if e["error"] else ""
+        lines.append(f"| {e['generation']} | {e['name']} | {e['fitness']:.4f} | {err} |")
+    lines += ["", f"best: **{best['name']}** (generation {best['generation']}, fitness "
+                  f"{best['fitness']:.4f}), saved as best.pt", "", "```python",
+              best["code"].rstrip(), "```", ""]
+    write_text_atomic(run_path / "summary.md", "\n".join(lines))
+    return results

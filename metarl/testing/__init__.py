@@ -1,0 +1,1 @@
+"""Helpers for testing metarl and for dry runs without external services."""
