@@ -1,0 +1,736 @@
+"""The child side of :mod:`metarl.meta.sandbox`: a fork server and the workers it forks.
+
+Run by the parent as ``python -I -B _sandbox_child.py FD`` with an empty environment, where
+``FD`` is one end of an ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair. This file imports nothing
+from ``metarl``: the child needs torch, numpy and the standard library only.
+
+The **fork server** is trusted code. It imports torch once, warms it up, then waits for the
+parent's requests. Each request carries three pipe ends (requests in, replies out, stdout and
+stderr out) and the sandbox's settings; the server forks one **worker** per request and
+reports the worker's pid, and later its exit status and resource use.
+
+A **worker** isolates itself, in this order, before any proposed code runs: its own session;
+only file descriptors 0 (``/dev/null``), 1 and 2 (the output pipe), 3 (requests) and 4
+(replies) left open; resource limits; ``no_new_privs``; new network and mount namespaces
+(as root), or a user plus network namespace (otherwise), when the kernel allows; private
+size-limited tmpfs mounts over the world-writable directories; an empty environment; when
+root, uid and gid 65534 (nobody) with no supplementary groups; and last an audit hook. It
+then reports what it achieved, loads the proposal and answers requests until its request
+pipe closes.
+
+Protocol (both directions): one JSON line, then, for ``call``, raw little-endian float32
+bytes. Parent to worker: ``{"op": "load", "code": str}``; ``{"op": "call", "n": N,
+"clip_eps": x}`` + ratio[N] + advantage[N]. Worker to parent: ``{"hello": ...}`` once, then one
+reply per request: ``{"ok": true, ...}`` (+ drift[N] + d drift/d ratio[N] for ``call``) or
+``{"ok": false, "reason": str, "message": str}``. Nothing is ever pickled.
+"""
+
+import os
+import sys
+
+HARNESS = os.path.abspath(__file__)
+FILENAME = "<proposal>"
+NOBODY = 65534
+
+# Pipe ends inside a worker.
+REQ_FD, REP_FD = 3, 4
+
+# Linux constants (x86-64 and arm64 share them).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+PR_SET_NO_NEW_PRIVS = 38
+
+# Directories anyone may write to; a worker with a mount namespace gets private ones.
+SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+TMPFS_OPTIONS = b"size=16m,nr_inodes=4096,mode=1777"
+
+# Imported by a worker only through an audit-hook violation (and dropped from sys.modules).
+FORBIDDEN_MODULES = frozenset({
+    "ctypes", "_ctypes", "socket", "_socket", "ssl", "_ssl",
+    "subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing", "signal",
+    "_signal", "pty", "resource",
+})
+
+# Modules imported before the worker drops its privileges: afterwards the interpreter's
+# own files may not be readable (here the interpreter lives under /root).
+PRELOAD = (
+    "math", "cmath", "functools", "itertools", "operator", "collections", "collections.abc",
+    "numbers", "statistics", "random", "fractions", "decimal", "typing", "dataclasses",
+    "enum", "abc", "copy", "warnings", "re", "string", "heapq", "bisect", "traceback",
+    "linecache", "json", "types", "inspect", "torch.nn.functional", "torch.special",
+    "torch.distributions",
+)
+
+
+# -- the fork server ------------------------------------------------------------------------
+
+
+def main():
+    import json
+    import select
+    import socket
+
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    warm_up(torch, np)
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except Exception:  # noqa: BLE001 - a missing optional module is no error
+            pass
+    vm_mb = status_kb("VmSize") / 1024
+    sock.send(json.dumps({"hello": {"pid": os.getpid(), "vm_mb": vm_mb,
+                                    "torch": torch.__version__}}).encode())
+    workers = set()
+
+    def send(data):
+        try:
+            sock.send(data)
+        except OSError:
+            pass  # the parent is gone; the next recv says so
+
+    try:
+        while True:
+            ready, _, _ = select.select([sock], [], [], 0.02)
+            if ready:
+                try:
+                    data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 8)
+                except OSError:
+                    break
+                if not data:
+                    break  # the parent is gone
+                request = json.loads(data)
+                if request.get("op") == "fork":
+                    reply = {"id": request["id"]}
+                    try:
+                        if len(fds) != 3:
+                            raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        pid = os.fork()
+                        if pid == 0:
+                            sock.close()
+                            worker(request["spec"], fds)  # never returns
+                        workers.add(pid)
+                        reply["pid"] = pid
+                    except Exception as e:  # noqa: BLE001 - reported to the parent
+                        reply["error"] = f"{type(e).__name__}: {e}"
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+                    send(json.dumps(reply).encode())
+                elif request.get("op") == "exit":
+                    break
+            while workers:
+                try:
+                    pid, status, usage = os.wait4(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                workers.discard(pid)
+                send(json.dumps({
+                    "exit": pid, "status": status,
+                    "cpu_s": usage.ru_utime + usage.ru_stime,
+                    "maxrss_mb": usage.ru_maxrss / 1024,
+                }).encode())
+    finally:
+        for pid in workers:
+            try:
+                os.killpg(pid, 9)
+            except OSError:
+                pass
+        os._exit(0)
+
+
+def warm_up(torch, np):
+    """Run the kinds of operation a drift uses once, so lazy imports and first-call set-up
+    happen here and not in a worker without privileges."""
+    r = torch.linspace(0.5, 2.0, 16, requires_grad=True)
+    a = torch.linspace(-2.0, 2.0, 16)
+    eps = 0.2
+    d = torch.relu((r - torch.clamp(r, 1 - eps, 1 + eps)) * a)
+    d = d + torch.nn.functional.softplus(torch.log(r) * a) * torch.tanh(r - 1) ** 2
+    d = d + torch.where(a >= 0, torch.sigmoid(r), torch.exp(-r)).abs().sqrt()
+    d = d + torch.minimum(r, r.clamp(min=1.0)) * torch.maximum(r, a) + (r @ r) / 16
+    d = d + torch.sign(a) * torch.square(r - 1) + torch.pow(r, 1.5) + torch.erf(r)
+    (g,) = torch.autograd.grad(d.sum(), r)
+    np.frombuffer(g.detach().numpy().tobytes(), dtype="<f4").copy()
+
+
+def status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+# -- a worker ------------------------------------------------------------------------------
+
+
+def worker(spec, fds):
+    """Isolate this forked process, load the proposal and serve requests; never returns."""
+    code = 70
+    try:
+        code = _worker(spec, fds)
+    except BaseException:  # noqa: BLE001 - the last resort: say why on stderr
+        try:
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        os._exit(code)
+
+
+def _worker(spec, fds):
+    import builtins
+    import json
+    import math
+    import types
+
+    import numpy as np
+    import torch
+
+    os.setsid()
+    reader, send = setup_fds(fds)
+    workdir = spec["workdir"]
+    os.chdir(workdir)
+    isolation = isolate(spec, workdir)
+    violations = []
+    sys.addaudithook(make_hook(workdir, violations))
+    for name in list(sys.modules):
+        if name.partition(".")[0] in FORBIDDEN_MODULES:
+            del sys.modules[name]
+    isolation["audit_hook"] = "installed"
+    send({"hello": {"isolation": isolation, "pid": os.getpid()}})
+
+    fn = None
+    while True:
+        line = reader.readline()
+        if not line:
+            return 0
+        request = json.loads(line)
+        op = request.get("op")
+        if op == "load":
+            fn, reply = load(request["code"], violations, builtins, types, torch, math, np)
+            flush()
+            send(reply)
+        elif op == "call":
+            n = int(request["n"])
+            payload = reader.read(8 * n)
+            if len(payload) != 8 * n:
+                return 0
+            if fn is None:
+                send({"ok": False, "reason": "protocol", "message": "no proposal loaded"})
+                continue
+            reply, data = evaluate(fn, n, payload, float(request["clip_eps"]), violations,
+                                   torch, np)
+            flush()
+            send(reply, data)
+        else:
+            send({"ok": False, "reason": "protocol", "message": f"unknown op {op!r}"})
+
+
+def setup_fds(fds):
+    """Keep only 0 (/dev/null), 1 and 2 (the output pipe), 3 (requests), 4 (replies)."""
+    import fcntl
+    import json
+
+    req, rep, out = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.dup2(req, REQ_FD)
+    os.dup2(rep, REP_FD)
+    os.closerange(REP_FD + 1, max(os.sysconf("SC_OPEN_MAX"), 1024))
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = open(fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
+                      closefd=False)
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+    reader = os.fdopen(REQ_FD, "rb", buffering=1 << 16)
+    write = os.write
+
+    def send(obj, payload=b""):
+        view = memoryview(json.dumps(obj).encode() + b"\n" + payload)
+        while view:
+            view = view[write(REP_FD, view):]
+
+    return reader, send
+
+
+def isolate(spec, workdir):
+    """Resource limits, no_new_privs, namespaces, private tmp, empty environment, uid drop.
+    Returns what was achieved."""
+    import ctypes
+    import resource
+
+    isolation = {}
+    limits = spec["limits"]
+    cpu = int(limits["cpu_s"])
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
+    resource.setrlimit(resource.RLIMIT_AS, (limits["memory_mb"] << 20,) * 2)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits["open_files"],) * 2)
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits["nproc"],) * 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (spec["file_bytes"],) * 2)
+    isolation["rlimits"] = "cpu, address space, processes, open files, file size, core"
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def call(name, *args):
+        if getattr(libc, name)(*args) != 0:
+            err = ctypes.get_errno()
+            return f"{name}: {os.strerror(err)} (errno {err})"
+        return None
+
+    isolation["no_new_privs"] = call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) is None
+    root = os.geteuid() == 0
+    mount_ns = False
+    errors = []
+    if root:
+        err = call("unshare", CLONE_NEWNS | CLONE_NEWNET)
+        if err is None:
+            isolation["network"], mount_ns = "namespace", True
+        else:
+            errors.append(err)
+            err = call("unshare", CLONE_NEWNET)
+            if err is None:
+                isolation["network"] = "namespace"
+            else:
+                errors.append(err)
+    if "network" not in isolation:
+        err = call("unshare", CLONE_NEWUSER | CLONE_NEWNET)
+        if err is None:
+            isolation["network"] = "user-namespace"
+        else:
+            errors.append(err)
+            isolation["network"] = "audit-hook-only"
+    isolation["tmp"] = "shared"
+    if mount_ns:
+        # Private first, so that nothing mounted here propagates to the host.
+        err = call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None)
+        if err is None:
+            covered = private_tmp(call, workdir)
+            if covered:
+                isolation["tmp"] = "private tmpfs on " + ", ".join(covered)
+        else:
+            errors.append(err)
+    if errors:
+        isolation["errors"] = "; ".join(errors)
+
+    os.environ.clear()
+    os.environ.update({"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
+                       "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"})
+    if "tempfile" in sys.modules:
+        sys.modules["tempfile"].tempdir = workdir
+
+    if root and spec.get("uid") is not None:
+        os.setgroups([])
+        os.setgid(spec["gid"])
+        os.setuid(spec["uid"])
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise RuntimeError("the worker could regain uid 0 after dropping it")
+    isolation["uid"] = os.getuid()
+    isolation["user"] = "nobody" if os.getuid() == NOBODY else "same-user"
+    return isolation
+
+
+def private_tmp(call, workdir):
+    """Mount small private tmpfs file systems over the shared writable directories, keeping
+    the working directory visible at its own path. Returns the directories covered."""
+    here = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    covered = []
+    try:
+        for d in SHARED_WRITABLE:
+            if os.path.isdir(d) and os.path.realpath(d) == d:
+                if call("mount", b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
+                        TMPFS_OPTIONS) is None:
+                    covered.append(d)
+        st = os.fstat(here)
+        try:
+            now = os.stat(workdir)
+            same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            os.makedirs(workdir, exist_ok=True)
+            err = call("mount", f"/proc/self/fd/{here}".encode(), workdir.encode(), None,
+                       MS_BIND, None)
+            if err is not None:
+                raise RuntimeError(f"could not keep the working directory visible: {err}")
+        os.chdir(workdir)
+    finally:
+        os.close(here)
+    return covered
+
+
+def flush():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - the proposal may have replaced or closed them
+            pass
+
+
+# -- the audit hook ------------------------------------------------------------------------
+
+
+class Forbidden(RuntimeError):
+    """Raised by the audit hook; the message starts with ``forbidden:``."""
+
+
+_PROCESS_EVENTS = ("os.fork", "os.forkpty", "os.exec", "os.spawn", "os.posix_spawn",
+                   "os.system", "os.startfile", "subprocess.", "pty.")
+_DENIED_EVENTS = frozenset({
+    "os.killpg", "resource.setrlimit", "resource.prlimit", "sys.addaudithook",
+    "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+})
+# Events whose listed arguments are paths that must lie inside the working directory, and
+# the index of their dir_fd argument (or None).
+_PATH_EVENTS = {
+    "os.remove": ((0,), 1), "os.rmdir": ((0,), 1), "os.mkdir": ((0,), 2),
+    "os.rename": ((0, 1), 2), "os.link": ((0, 1), 2), "os.symlink": ((1,), 2),
+    "os.chmod": ((0,), 2), "os.chown": ((0,), 3), "os.utime": ((0,), 3),
+    "os.truncate": ((0,), None), "os.chflags": ((0,), None), "os.lchflags": ((0,), None),
+    "os.setxattr": ((0,), None), "os.removexattr": ((0,), None), "os.mkfifo": ((0,), 2),
+    "os.mknod": ((0,), 3), "shutil.rmtree": ((0,), 1), "shutil.copyfile": ((1,), None),
+    "shutil.copymode": ((1,), None), "shutil.copystat": ((1,), None),
+    "shutil.copytree": ((1,), None), "shutil.move": ((1,), None),
+}
+
+
+def make_hook(workdir, violations):
+    """The worker's audit hook. The first violation is appended to ``violations`` (so it is
+    reported even if the proposal catches the exception).
+
+    Everything the hook uses is bound here, before any proposed code runs, and kept in the
+    closure: patching ``os``, ``os.path`` or ``builtins`` later does not change what it
+    checks. (This makes it harder to subvert, not impossible: see docs/sandbox.md.)
+    """
+    import posix
+    import stat
+
+    lstat, readlink, getcwd, getpid = posix.lstat, posix.readlink, posix.getcwd, posix.getpid
+    s_islnk = stat.S_ISLNK
+    _isinstance, _type, _str, _bytes, _int, _len, _repr, _OSError, _Exception = (
+        isinstance, type, str, bytes, int, len, repr, OSError, Exception)
+    join = "".join
+    _Forbidden = Forbidden
+    forbidden_modules, process_events = FORBIDDEN_MODULES, _PROCESS_EVENTS
+    denied_events, path_events = _DENIED_EVENTS, _PATH_EVENTS
+    write_flags = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
+    own_pid = getpid()
+    own = _str(own_pid)
+    devnull = "/dev/null"
+
+    def deny(what):
+        message = "forbidden: " + what
+        if not violations:
+            violations.append(message)
+        raise _Forbidden(message)
+
+    def name_of(path):
+        """A plain str for a str or bytes path; anything else (a PathLike that could answer
+        differently each time it is asked) is refused."""
+        if _isinstance(path, _str):
+            return join((path,))  # an exact str even for a str subclass
+        if _isinstance(path, _bytes):
+            return _bytes.decode(path, "utf-8", "surrogateescape")
+        deny("only str or bytes paths are accepted in the sandbox")
+
+    def resolve(name):
+        """An absolute path with symbolic links resolved where they can be read."""
+        if not name.startswith("/"):
+            name = getcwd() + "/" + name
+        todo = name.split("/")
+        todo.reverse()
+        done, links = "", 0
+        while todo:
+            part = todo.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                done = done.rpartition("/")[0]
+                continue
+            candidate = done + "/" + part
+            try:
+                is_link = s_islnk(lstat(candidate).st_mode)
+            except _OSError:
+                is_link = False
+            if not is_link:
+                done = candidate
+                continue
+            links += 1
+            if links > 40:
+                deny("too many levels of symbolic links in " + name)
+            try:
+                target = readlink(candidate)
+            except _OSError:
+                done = candidate
+                continue
+            if target.startswith("/"):
+                done = ""
+            parts = target.split("/")
+            parts.reverse()
+            todo.extend(parts)
+        return done or "/"
+
+    def inside(real):
+        return real == workdir or real.startswith(workdir + "/")
+
+    def check_proc(real, name):
+        parts = real.split("/")
+        if _len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != own:
+            deny("accessing " + _repr(name) + " (another process's /proc entry)")
+
+    def check_open(args):
+        path, mode, flags = (args + (None, None, None))[:3]
+        if path is None or _type(path) is _int:
+            return  # an already open descriptor
+        m = join((mode,)) if _isinstance(mode, _str) else ""
+        writing = (_isinstance(flags, _int) and flags & write_flags) or (
+            "w" in m or "a" in m or "x" in m or "+" in m)
+        name = name_of(path)
+        if writing and mode is None and not name.startswith("/"):
+            # os.open(): it may be relative to a dir_fd that this hook cannot see.
+            deny("os.open of the relative path " + _repr(name) + " for writing; use open()")
+        real = resolve(name)
+        check_proc(real, name)
+        if writing and not inside(real) and real != devnull:
+            deny("writing " + _repr(name) + ": only the working directory is writable")
+
+    def hook(event, args):
+        if event == "import":
+            module = join((args[0],)) if _isinstance(args[0], _str) else ""
+            if module.partition(".")[0] in forbidden_modules:
+                deny("importing " + _repr(module) + " is not allowed in the sandbox")
+        elif event == "open":
+            check_open(args)
+        elif event.startswith("socket."):
+            deny("network access (" + event + ") is not allowed in the sandbox")
+        elif event.startswith("ctypes."):
+            deny("ctypes (" + event + ") is not allowed in the sandbox")
+        elif event.startswith(process_events):
+            deny("starting processes (" + event + ") is not allowed in the sandbox")
+        elif event == "os.kill":
+            if args[0] != own_pid:
+                deny("sending signals to other processes (os.kill of pid "
+                     + _str(args[0]) + ")")
+        elif event in denied_events:
+            deny(event + " is not allowed in the sandbox")
+        elif event in ("os.chdir", "os.listdir", "os.scandir"):
+            path = args[0] if args else None
+            if _type(path) is _int:
+                if event == "os.chdir":
+                    deny("os.fchdir is not allowed in the sandbox")
+            elif path is not None:
+                name = name_of(path)
+                real = resolve(name)
+                check_proc(real, name)
+                if event == "os.chdir" and not inside(real):
+                    deny("changing directory to " + _repr(name)
+                         + " (outside the working directory)")
+        elif event in path_events:
+            positions, dir_fd = path_events[event]
+            relative_to_fd = (dir_fd is not None and _len(args) > dir_fd
+                              and args[dir_fd] not in (None, -1))
+            for i in positions:
+                if i >= _len(args) or _type(args[i]) is _int:
+                    continue
+                name = name_of(args[i])
+                if relative_to_fd and not name.startswith("/"):
+                    deny(event + " relative to a directory descriptor")
+                if not inside(resolve(name)):
+                    deny(event + " on " + _repr(name)
+                         + ": only the working directory may be modified")
+
+    def guarded(event, args):
+        try:
+            hook(event, args)
+        except _Forbidden:
+            raise
+        except _Exception as e:  # a check that cannot be made is a refusal
+            deny(event + " could not be checked (" + _type(e).__name__ + ")")
+
+    workdir = resolve(workdir)
+    return guarded
+
+
+# -- loading and calling the proposal ------------------------------------------------------
+
+
+def load(code, violations, builtins, types, torch, math, np):
+    """Compile and run the proposal's top level; find its one function. -> (fn, reply)."""
+    import linecache
+
+    try:
+        compiled = compile(code, FILENAME, "exec", dont_inherit=True)
+    except SyntaxError as e:
+        where = f"line {e.lineno}" + (f", column {e.offset}" if e.offset else "")
+        text = (e.text or "").rstrip("\n")
+        caret = ""
+        if text.strip():
+            indent = len(text) - len(text.lstrip())
+            caret = "\n    " + text.strip()
+            if e.offset:
+                caret += "\n    " + " " * max(0, e.offset - 1 - indent) + "^"
+        return None, error("syntax", f"{type(e).__name__} at {where}: {e.msg}{caret}")
+    except (ValueError, MemoryError, RecursionError) as e:
+        return None, error("syntax", f"the source does not compile: {type(e).__name__}: {e}")
+    linecache.cache[FILENAME] = (len(code), None, code.splitlines(True), FILENAME)
+    namespace = {"__name__": "proposal", "__builtins__": builtins, "torch": torch,
+                 "math": math, "np": np, "numpy": np}
+    try:
+        exec(compiled, namespace)
+    except BaseException as e:  # noqa: BLE001 - whatever the top level raised
+        return None, failure(e, violations, "the proposal's top-level code raised an exception",
+                             namespace)
+    if violations:
+        return None, error("forbidden", violations[0])
+    functions = [(k, v) for k, v in namespace.items()
+                 if isinstance(v, types.FunctionType) and v.__code__.co_filename == FILENAME]
+    if len(functions) != 1:
+        found = ", ".join(k for k, _ in functions) or "none"
+        return None, error(
+            "signature",
+            f"the code must define exactly one top-level function, "
+            f"drift(ratio, advantage, clip_eps); found {len(functions)} ({found}). Put any "
+            f"helper inside that function.",
+        )
+    name, fn = functions[0]
+    co = fn.__code__
+    params = list(co.co_varnames[:co.co_argcount + co.co_kwonlyargcount])
+    defaults = len(fn.__defaults__ or ())
+    kw_defaults = len(fn.__kwdefaults__ or {})
+    listed = params + (["*args"] if co.co_flags & 0x04 else []) + (
+        ["**kwargs"] if co.co_flags & 0x08 else [])
+    shown = f"{name}({', '.join(listed)})"
+    if co.co_flags & (0x20 | 0x80 | 0x200):
+        return None, error("signature", f"{shown} is a generator or coroutine; it must be a "
+                                        f"plain function returning a tensor")
+    ok = (co.co_argcount >= 3 and co.co_argcount - defaults <= 3
+          and not co.co_flags & (0x04 | 0x08) and kw_defaults == co.co_kwonlyargcount)
+    if not ok:
+        return None, error(
+            "signature",
+            f"the function must take exactly three parameters (ratio, advantage, clip_eps); "
+            f"found {shown} with {co.co_argcount + co.co_kwonlyargcount} parameter(s)",
+        )
+    return fn, {"ok": True, "function": name, "params": params[:3]}
+
+
+def evaluate(fn, n, payload, clip_eps, violations, torch, np):
+    """drift and d drift/d ratio for one request. -> (reply, payload)."""
+    ratio = np.frombuffer(payload, dtype="<f4", count=n).copy()
+    advantage = np.frombuffer(payload, dtype="<f4", count=n, offset=4 * n).copy()
+    try:
+        with torch.enable_grad():
+            r = torch.from_numpy(ratio).requires_grad_(True)
+            a = torch.from_numpy(advantage)
+            out = fn(r, a, clip_eps)
+            if not isinstance(out, torch.Tensor):
+                return error("shape", f"the function must return a torch tensor shaped like "
+                                      f"ratio ({n},); it returned {type(out).__name__}"), b""
+            if tuple(out.shape) != (n,):
+                return error("shape", f"the function must return a tensor of the same shape "
+                                      f"as ratio, ({n},); it returned shape "
+                                      f"{tuple(out.shape)}"), b""
+            if out.is_complex():
+                return error("shape", "the function returned a complex tensor"), b""
+            if not out.is_floating_point():
+                out = out.float()
+            grad = None
+            if out.requires_grad:
+                (grad,) = torch.autograd.grad(out.sum(), r, allow_unused=True)
+            if grad is None:
+                grad = torch.zeros_like(r)
+        values = out.detach().to(torch.float32).reshape(-1).contiguous().numpy()
+        grads = grad.detach().to(torch.float32).reshape(-1).contiguous().numpy()
+    except BaseException as e:  # noqa: BLE001 - whatever the proposal raised
+        return failure(e, violations, "the drift function raised an exception"), b""
+    if violations:
+        return error("forbidden", violations[0]), b""
+    if values.size != n or grads.size != n:
+        return error("shape", f"expected {n} values, got {values.size}"), b""
+    data = values.astype("<f4").tobytes() + grads.astype("<f4").tobytes()
+    return {"ok": True, "n": n}, data
+
+
+def error(reason, message, limit=6000):
+    """An error reply; a long message keeps its first line and its end."""
+    if len(message) > limit:
+        head = message.split("\n", 1)[0][:limit // 4]
+        message = head + "\n[...]\n" + message[-(limit - len(head) - 7):]
+    return {"ok": False, "reason": reason, "message": message}
+
+
+# Freed before an error is formatted, so that a proposal that ran out of memory still gets
+# its traceback reported.
+_reserve = [bytearray(1 << 20)]
+
+
+def failure(e, violations, summary, namespace=None):
+    _reserve.clear()
+    try:
+        import traceback
+
+        traceback.clear_frames(e.__traceback__)  # drop the proposal's locals (memory)
+        if namespace is not None:
+            namespace.clear()
+        if violations:
+            reason, summary = "forbidden", violations[0]
+        elif isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
+                s in str(e) for s in ("can't allocate memory", "not enough memory",
+                                      "DefaultCPUAllocator"))):
+            reason = "memory"
+            summary = "the proposal ran out of memory (the memory_mb limit)"
+        elif isinstance(e, SystemExit):
+            reason, summary = "runtime", "the proposal called exit()"
+        else:
+            reason = "runtime"
+        return error(reason, summary + "\n" + format_tail(e))
+    except BaseException:  # noqa: BLE001 - a hostile exception object, or no memory left
+        return error("forbidden" if violations else "runtime",
+                     violations[0] if violations else summary)
+    finally:
+        if not _reserve:
+            try:
+                _reserve.append(bytearray(1 << 20))
+            except MemoryError:
+                pass
+
+
+def format_tail(e):
+    """The traceback without the harness's own frames."""
+    import traceback
+
+    try:
+        te = traceback.TracebackException.from_exception(e, limit=-30)
+        te.stack = traceback.StackSummary.from_list(
+            [f for f in te.stack if os.path.abspath(f.filename) != HARNESS])
+        return "".join(te.format())
+    except BaseException:  # noqa: BLE001 - fall back to the bare exception
+        return f"{type(e).__name__}: {e}"
+
+
+if __name__ == "__main__":
+    main()
