@@ -15,6 +15,9 @@ SMALL = [
     (r"eval_every=\d+", "eval_every=1"),
     (r"eval_seeds=\d+", "eval_seeds=2"),
     (r"seeds=4,", "seeds=2,"),
+    (r"\bepochs=\d+", "epochs=1"),
+    (r"population=\d+", "population=100"),
+    (r"DriftGrid\([^)]*\)", "DriftGrid(log_ratio_step=1 / 8, adv_step=1 / 2)"),
 ]
 
 

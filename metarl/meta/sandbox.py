@@ -29,16 +29,12 @@ float32 bytes; nothing the child sends is ever unpickled.
 
 from __future__ import annotations
 
-import atexit
 import json
 import math
 import os
 import select
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -47,16 +43,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from metarl.algorithms.drift import Drift
+from metarl.meta._sandbox_forkserver import NOBODY, SandboxError, _fork_server, _ForkServer, _netns
 
 __all__ = ["DriftSandbox", "ProposalError", "SandboxError", "SandboxLimits", "SandboxedDrift",
            "validate_drift"]
 
-_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
-NOBODY = 65534
-#: The environment of every child, whole: nothing is taken from ``os.environ``.
-_CHILD_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
-              "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 _MESSAGE_CHARS = 2000  # an error message's length, at most
 _OUTPUT_KEEP = 4096  # bytes of the child's output kept (the last ones)
 _FILE_BYTES = 64 << 20  # RLIMIT_FSIZE
@@ -133,172 +124,12 @@ class ProposalError(Exception):
         return f"[{self.reason}] {self.message}"
 
 
-class SandboxError(RuntimeError):
-    """The sandbox machinery failed (the fork server did not start, a pipe broke while no
-    proposal code could have run): not something the proposal can be blamed for."""
-
-
 def _clip(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters: its first line, then as much of its end."""
     if len(text) <= limit:
         return text
     head = text.split("\n", 1)[0][: limit // 4]
     return head + "\n[...]\n" + text[-(limit - len(head) - 7):]
-
-
-# -- the fork server -----------------------------------------------------------------------
-
-
-class _ForkServer:
-    """The trusted child that imports torch once and forks one worker per sandbox."""
-
-    def __init__(self, timeout: float):
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", _CHILD, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=dict(_CHILD_ENV), cwd="/",
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
-        finally:
-            theirs.close()
-        self.sock = ours
-        self.owner = os.getpid()
-        self.cond = threading.Condition()
-        self.send_lock = threading.Lock()
-        self.replies: dict[int, dict] = {}
-        self.exits: dict[int, dict] = {}
-        self.ignore: set[int] = set()
-        self.dead = False
-        self.next_id = 0
-        self.sock.settimeout(timeout)
-        try:
-            hello = json.loads(self.sock.recv(1 << 16))["hello"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            why = "did not start in time" if isinstance(e, TimeoutError) else "failed to start"
-            self.shutdown()
-            raise SandboxError(f"the sandbox's fork server {why} (start_timeout_s={timeout}; "
-                               f"it imports torch): {self.stderr_tail()}") from None
-        self.sock.settimeout(None)
-        self.footprint_mb = float(hello["vm_mb"])
-        threading.Thread(target=self._read, name="sandbox-forkserver", daemon=True).start()
-
-    def stderr_tail(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
-            return "(still running)"
-        try:
-            return self.proc.stderr.read(8192).decode(errors="replace")[-2000:] or \
-                f"(exit status {self.proc.returncode}, no output)"
-        except OSError:
-            return f"(exit status {self.proc.returncode})"
-
-    def _read(self):
-        while True:
-            try:
-                data = self.sock.recv(1 << 16)
-            except OSError:
-                data = b""
-            with self.cond:
-                if not data:
-                    self.dead = True
-                    self.cond.notify_all()
-                    return
-                msg = json.loads(data)
-                if "id" in msg:
-                    self.replies[msg["id"]] = msg
-                elif "exit" in msg:
-                    pid = msg["exit"]
-                    if pid in self.ignore:
-                        self.ignore.discard(pid)
-                    else:
-                        self.exits[pid] = msg
-                self.cond.notify_all()
-
-    @property
-    def alive(self) -> bool:
-        return not self.dead and self.proc.poll() is None and self.owner == os.getpid()
-
-    def fork(self, spec: dict, fds: list[int], deadline: float) -> int:
-        with self.send_lock:
-            self.next_id += 1
-            rid = self.next_id
-            try:
-                socket.send_fds(self.sock, [json.dumps({"op": "fork", "id": rid,
-                                                        "spec": spec}).encode()], fds)
-            except OSError as e:
-                raise SandboxError(f"the sandbox's fork server is gone: {e}") from None
-        with self.cond:
-            while rid not in self.replies:
-                left = deadline - time.monotonic()
-                if self.dead or left <= 0:
-                    raise SandboxError("the sandbox's fork server did not answer")
-                self.cond.wait(min(left, 0.5))
-            reply = self.replies.pop(rid)
-        if "error" in reply:
-            raise SandboxError(f"the sandbox's fork server could not fork: {reply['error']}")
-        return int(reply["pid"])
-
-    def exit_status(self, pid: int, timeout: float) -> dict | None:
-        """The worker's exit report (status, CPU seconds, peak memory), once it has ended."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while pid not in self.exits and not self.dead:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.cond.wait(left)
-            return self.exits.get(pid)
-
-    def exited(self, pid: int) -> bool:
-        with self.cond:
-            return pid in self.exits
-
-    def forget(self, pid: int) -> None:
-        with self.cond:
-            if self.exits.pop(pid, None) is None:
-                self.ignore.add(pid)
-
-    def shutdown(self):
-        try:
-            self.sock.close()  # the server kills its workers and exits on EOF
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            self.proc.wait()
-
-
-_server: _ForkServer | None = None
-_server_lock = threading.Lock()
-
-
-def _fork_server(timeout: float) -> _ForkServer:
-    global _server
-    with _server_lock:
-        if _server is None or not _server.alive:
-            if _server is not None and _server.owner == os.getpid():
-                _server.shutdown()
-            _server = _ForkServer(timeout)
-        return _server
-
-
-@atexit.register
-def _stop_fork_server():
-    if _server is not None and _server.owner == os.getpid():
-        _server.shutdown()
-
-
-def _netns(pid: int | str) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/net")
-    except OSError:
-        return None
 
 
 # -- one sandbox ---------------------------------------------------------------------------
@@ -746,144 +577,6 @@ def _as_float32(x, name: str) -> np.ndarray:
     return arr
 
 
-# -- the drift member ----------------------------------------------------------------------
-
-
-class _SandboxFunction(torch.autograd.Function):
-    """drift from the child in forward; grad_output * (d drift / d ratio) in backward."""
-
-    @staticmethod
-    def forward(ctx, ratio, advantage, clip_eps, sandbox):
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("SandboxedDrift gives no gradient in the advantage; detach it")
-        drift, grad = sandbox.call(ratio, advantage, clip_eps)
-        out = torch.from_numpy(drift).to(device=ratio.device, dtype=ratio.dtype)
-        ctx.save_for_backward(torch.from_numpy(grad).to(device=ratio.device,
-                                                        dtype=ratio.dtype))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad_output * grad, None, None, None
-
-
-class SandboxedDrift(Drift):
-    """A drift whose values come from a started :class:`DriftSandbox`.
-
-    It has no parameters, so the inner loop calls it on the whole population's
-    ``[P, B]`` tensors at once (one request to the child per minibatch). The gradient in
-    ``ratio`` is the child's elementwise derivative; :func:`validate_drift` checks that the
-    proposal is elementwise. Raises :class:`ProposalError` from a failing proposal.
-    """
-
-    name = "code"
-
-    def __init__(self, sandbox: DriftSandbox):
-        super().__init__()
-        if not isinstance(sandbox, DriftSandbox):
-            raise TypeError(f"SandboxedDrift needs a DriftSandbox, got {type(sandbox).__name__}")
-        if not sandbox.running:
-            raise ValueError("SandboxedDrift needs a started sandbox: call sandbox.start() or "
-                             "use it as a context manager first")
-        self.sandbox = sandbox
-
-    def forward(self, ratio, advantage, clip_eps=0.2):
-        return _SandboxFunction.apply(ratio, advantage, float(clip_eps), self.sandbox)
-
-
-# -- validation ----------------------------------------------------------------------------
-
-
-def validate_drift(fn, seed: int = 0) -> None:
-    """Check a proposed drift before any training; raises :class:`ProposalError`.
-
-    ``fn(ratio, advantage, clip_eps) -> (drift, grad)`` with numpy arrays, for example
-    :meth:`DriftSandbox.call`. The checks, in order:
-
-    1. random inputs of shape (10,) (ratio ~ N(1, 0.1^2) clipped above 0.01, advantage ~
-       N(0, 1), clip_eps 0.2) give drift and grad of shape (10,) ("shape");
-    2. no NaN or infinity there nor on the grid below ("nan");
-    3. on the grid ratio in exp(linspace(-2, 2, 41)) x advantage in linspace(-8, 8, 33),
-       drift >= -1e-6 ("constraint": non-negative);
-    4. at ratio = 1, |drift| <= 1e-5 ("constraint": zero at r = 1) and |d drift / d ratio|
-       <= 1e-4 ("constraint": flat at r = 1);
-    5. each value depends only on its own ratio and advantage: the grid evaluated in two
-       halves gives the same numbers ("constraint": elementwise).
-    """
-    rng = np.random.default_rng(seed)
-    eps = 0.2
-    ratio = np.clip(rng.normal(1.0, 0.1, 10), 0.0101, None).astype(np.float32)
-    adv = rng.normal(0.0, 1.0, 10).astype(np.float32)
-    drift, grad = _checked_call(fn, ratio, adv, eps, "random inputs")
-
-    log_r = np.linspace(-2.0, 2.0, 41)
-    log_r[20] = 0.0
-    r_grid, a_grid = np.meshgrid(np.exp(log_r).astype(np.float32),
-                                 np.linspace(-8.0, 8.0, 33).astype(np.float32), indexing="ij")
-    r_flat, a_flat = r_grid.reshape(-1), a_grid.reshape(-1)
-    drift, grad = _checked_call(fn, r_flat, a_flat, eps, "the grid")
-    bad = drift < -1e-6
-    if bad.any():
-        i = int(np.argmin(drift))
-        raise ProposalError(
-            "constraint",
-            f"non-negative: drift must be >= 0 everywhere, but it is negative at "
-            f"{int(bad.sum())} of {drift.size} grid points (ratio in [0.14, 7.4], advantage "
-            f"in [-8, 8], clip_eps 0.2); the lowest is drift({r_flat[i]:.4g}, "
-            f"{a_flat[i]:.4g}) = {drift[i]:.4g}. Wrap it in relu() or square it.",
-        )
-
-    ones = np.ones(33, np.float32)
-    a_line = np.linspace(-8.0, 8.0, 33).astype(np.float32)
-    d1, g1 = _checked_call(fn, ones, a_line, eps, "ratio = 1")
-    i = int(np.argmax(np.abs(d1)))
-    if abs(d1[i]) > 1e-5:
-        raise ProposalError(
-            "constraint",
-            f"zero at r = 1: drift must be 0 when ratio == 1, but drift(1, {a_line[i]:.4g}) "
-            f"= {d1[i]:.4g}",
-        )
-    i = int(np.argmax(np.abs(g1)))
-    if abs(g1[i]) > 1e-4:
-        raise ProposalError(
-            "constraint",
-            f"flat at r = 1: the derivative of drift in ratio must be 0 at ratio == 1, but at "
-            f"advantage {a_line[i]:.4g} it is {g1[i]:.4g}",
-        )
-
-    half = r_flat.size // 2
-    d_lo, _ = _checked_call(fn, r_flat[:half], a_flat[:half], eps, "half of the grid")
-    d_hi, _ = _checked_call(fn, r_flat[half:], a_flat[half:], eps, "half of the grid")
-    parts = np.concatenate([d_lo, d_hi])
-    tol = 1e-5 + 1e-5 * np.abs(drift)
-    if (np.abs(parts - drift) > tol).any():
-        i = int(np.argmax(np.abs(parts - drift) - tol))
-        raise ProposalError(
-            "constraint",
-            f"elementwise: each drift value must depend only on its own ratio and advantage, "
-            f"but drift({r_flat[i]:.4g}, {a_flat[i]:.4g}) changed from {drift[i]:.6g} to "
-            f"{parts[i]:.6g} when the batch changed (no means, sums or sorting over the batch)",
-        )
-
-
-def _checked_call(fn, ratio, adv, eps, what):
-    out = fn(ratio, adv, eps)
-    if not isinstance(out, tuple) or len(out) != 2:
-        raise ProposalError("shape", f"on {what}, the drift evaluation did not give "
-                                     f"(drift, grad)")
-    drift, grad = (np.asarray(x, dtype=np.float64) for x in out)
-    for name, x in (("drift", drift), ("its derivative in ratio", grad)):
-        if x.shape != ratio.shape:
-            raise ProposalError("shape", f"on {what} of shape {ratio.shape}, {name} has shape "
-                                         f"{x.shape}; it must have the shape of ratio")
-        bad = ~np.isfinite(x)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise ProposalError(
-                "nan",
-                f"{name} is NaN or infinite at {int(bad.sum())} of {x.size} points of {what}, "
-                f"e.g. ratio={ratio.reshape(-1)[i]:.4g}, advantage={adv.reshape(-1)[i]:.4g} "
-                f"(guard log/division/exp against small or large values)",
-            )
-    return drift, grad
+# The drift member and the validation live in sandbox_drift.py; they are part of this
+# module's API.
+from metarl.meta.sandbox_drift import SandboxedDrift, validate_drift  # noqa: E402

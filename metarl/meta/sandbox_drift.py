@@ -1,0 +1,154 @@
+"""The drift family's side of the sandbox: a :class:`~metarl.algorithms.drift.Drift` backed by
+a :class:`~metarl.meta.sandbox.DriftSandbox`, and the checks a proposal must pass before
+training. Imported by :mod:`metarl.meta.sandbox`, whose API these are part of.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from metarl.algorithms.drift import Drift
+from metarl.meta.sandbox import DriftSandbox, ProposalError
+
+# -- the drift member ----------------------------------------------------------------------
+
+
+class _SandboxFunction(torch.autograd.Function):
+    """drift from the child in forward; grad_output * (d drift / d ratio) in backward."""
+
+    @staticmethod
+    def forward(ctx, ratio, advantage, clip_eps, sandbox):
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("SandboxedDrift gives no gradient in the advantage; detach it")
+        drift, grad = sandbox.call(ratio, advantage, clip_eps)
+        out = torch.from_numpy(drift).to(device=ratio.device, dtype=ratio.dtype)
+        ctx.save_for_backward(torch.from_numpy(grad).to(device=ratio.device,
+                                                        dtype=ratio.dtype))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad_output * grad, None, None, None
+
+
+class SandboxedDrift(Drift):
+    """A drift whose values come from a started :class:`DriftSandbox`.
+
+    It has no parameters, so the inner loop calls it on the whole population's
+    ``[P, B]`` tensors at once (one request to the child per minibatch). The gradient in
+    ``ratio`` is the child's elementwise derivative; :func:`validate_drift` checks that the
+    proposal is elementwise. Raises :class:`ProposalError` from a failing proposal.
+    """
+
+    name = "code"
+
+    def __init__(self, sandbox: DriftSandbox):
+        super().__init__()
+        if not isinstance(sandbox, DriftSandbox):
+            raise TypeError(f"SandboxedDrift needs a DriftSandbox, got {type(sandbox).__name__}")
+        if not sandbox.running:
+            raise ValueError("SandboxedDrift needs a started sandbox: call sandbox.start() or "
+                             "use it as a context manager first")
+        self.sandbox = sandbox
+
+    def forward(self, ratio, advantage, clip_eps=0.2):
+        return _SandboxFunction.apply(ratio, advantage, float(clip_eps), self.sandbox)
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def validate_drift(fn, seed: int = 0) -> None:
+    """Check a proposed drift before any training; raises :class:`ProposalError`.
+
+    ``fn(ratio, advantage, clip_eps) -> (drift, grad)`` with numpy arrays, for example
+    :meth:`DriftSandbox.call`. The checks, in order:
+
+    1. random inputs of shape (10,) (ratio ~ N(1, 0.1^2) clipped above 0.01, advantage ~
+       N(0, 1), clip_eps 0.2) give drift and grad of shape (10,) ("shape");
+    2. no NaN or infinity there nor on the grid below ("nan");
+    3. on the grid ratio in exp(linspace(-2, 2, 41)) x advantage in linspace(-8, 8, 33),
+       drift >= -1e-6 ("constraint": non-negative);
+    4. at ratio = 1, |drift| <= 1e-5 ("constraint": zero at r = 1) and |d drift / d ratio|
+       <= 1e-4 ("constraint": flat at r = 1);
+    5. each value depends only on its own ratio and advantage: the grid evaluated in two
+       halves gives the same numbers ("constraint": elementwise).
+    """
+    rng = np.random.default_rng(seed)
+    eps = 0.2
+    ratio = np.clip(rng.normal(1.0, 0.1, 10), 0.0101, None).astype(np.float32)
+    adv = rng.normal(0.0, 1.0, 10).astype(np.float32)
+    drift, grad = _checked_call(fn, ratio, adv, eps, "random inputs")
+
+    log_r = np.linspace(-2.0, 2.0, 41)
+    log_r[20] = 0.0
+    r_grid, a_grid = np.meshgrid(np.exp(log_r).astype(np.float32),
+                                 np.linspace(-8.0, 8.0, 33).astype(np.float32), indexing="ij")
+    r_flat, a_flat = r_grid.reshape(-1), a_grid.reshape(-1)
+    drift, grad = _checked_call(fn, r_flat, a_flat, eps, "the grid")
+    bad = drift < -1e-6
+    if bad.any():
+        i = int(np.argmin(drift))
+        raise ProposalError(
+            "constraint",
+            f"non-negative: drift must be >= 0 everywhere, but it is negative at "
+            f"{int(bad.sum())} of {drift.size} grid points (ratio in [0.14, 7.4], advantage "
+            f"in [-8, 8], clip_eps 0.2); the lowest is drift({r_flat[i]:.4g}, "
+            f"{a_flat[i]:.4g}) = {drift[i]:.4g}. Wrap it in relu() or square it.",
+        )
+
+    ones = np.ones(33, np.float32)
+    a_line = np.linspace(-8.0, 8.0, 33).astype(np.float32)
+    d1, g1 = _checked_call(fn, ones, a_line, eps, "ratio = 1")
+    i = int(np.argmax(np.abs(d1)))
+    if abs(d1[i]) > 1e-5:
+        raise ProposalError(
+            "constraint",
+            f"zero at r = 1: drift must be 0 when ratio == 1, but drift(1, {a_line[i]:.4g}) "
+            f"= {d1[i]:.4g}",
+        )
+    i = int(np.argmax(np.abs(g1)))
+    if abs(g1[i]) > 1e-4:
+        raise ProposalError(
+            "constraint",
+            f"flat at r = 1: the derivative of drift in ratio must be 0 at ratio == 1, but at "
+            f"advantage {a_line[i]:.4g} it is {g1[i]:.4g}",
+        )
+
+    half = r_flat.size // 2
+    d_lo, _ = _checked_call(fn, r_flat[:half], a_flat[:half], eps, "half of the grid")
+    d_hi, _ = _checked_call(fn, r_flat[half:], a_flat[half:], eps, "half of the grid")
+    parts = np.concatenate([d_lo, d_hi])
+    tol = 1e-5 + 1e-5 * np.abs(drift)
+    if (np.abs(parts - drift) > tol).any():
+        i = int(np.argmax(np.abs(parts - drift) - tol))
+        raise ProposalError(
+            "constraint",
+            f"elementwise: each drift value must depend only on its own ratio and advantage, "
+            f"but drift({r_flat[i]:.4g}, {a_flat[i]:.4g}) changed from {drift[i]:.6g} to "
+            f"{parts[i]:.6g} when the batch changed (no means, sums or sorting over the batch)",
+        )
+
+
+def _checked_call(fn, ratio, adv, eps, what):
+    out = fn(ratio, adv, eps)
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise ProposalError("shape", f"on {what}, the drift evaluation did not give "
+                                     f"(drift, grad)")
+    drift, grad = (np.asarray(x, dtype=np.float64) for x in out)
+    for name, x in (("drift", drift), ("its derivative in ratio", grad)):
+        if x.shape != ratio.shape:
+            raise ProposalError("shape", f"on {what} of shape {ratio.shape}, {name} has shape "
+                                         f"{x.shape}; it must have the shape of ratio")
+        bad = ~np.isfinite(x)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ProposalError(
+                "nan",
+                f"{name} is NaN or infinite at {int(bad.sum())} of {x.size} points of {what}, "
+                f"e.g. ratio={ratio.reshape(-1)[i]:.4g}, advantage={adv.reshape(-1)[i]:.4g} "
+                f"(guard log/division/exp against small or large values)",
+            )
+    return drift, grad
