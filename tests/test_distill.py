@@ -71,16 +71,24 @@ def test_student_fits_and_wider_beats_narrower(teacher, tmp_path):
         == r128["val_grad_mse"]
 
 
-def test_student_trains_ppo_and_evaluates(teacher, tmp_path, tiny_cartpole):
+def test_teacher_students_and_formula_in_one_table(teacher, tmp_path, tiny_cartpole):
     from metarl.evaluate import evaluate
+    from metarl.meta.symbolic import SymbolicConfig, symbolic_distill
 
     distill(small(teacher, hidden=16, epochs=1), out=tmp_path / "d", progress=False)
-    res = evaluate([str(teacher), str(tmp_path / "d" / "student.pt"), "ppo-clip"],
+    symbolic_distill(SymbolicConfig(teacher=str(teacher), population=300, generations=3,
+                                    at_one="repair"), out=tmp_path / "s", log=lambda *a: None)
+    res = evaluate([str(teacher), str(tmp_path / "d" / "student.pt"),
+                    str(tmp_path / "s" / "best-score.pt"), "ppo-clip"],
                    ["CartPole-v1"], seeds=2, out=tmp_path / "ev", progress=False,
                    num_envs=4, num_steps=32, total_timesteps=256, num_minibatches=2,
                    update_epochs=2, backend="torch")
     rows = {r["algorithm"]: r for r in res["algorithms"]}
-    assert set(rows) == {"rand-lpo", "rand-lpo-distill-h16", "ppo-clip"}
+    assert set(rows) == {"rand-lpo", "rand-lpo-distill-h16", "rand-lpo-symbolic-best-score",
+                         "ppo-clip"}
+    assert rows["rand-lpo-symbolic-best-score"]["kind"] == "symbolic"
+    table = (tmp_path / "ev" / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in rows)
     for r in rows.values():
         assert r["envs"]["CartPole-v1"]["failed"] == 0
     # A distilled algorithm's cost to find includes its teacher's.

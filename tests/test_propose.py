@@ -85,6 +85,7 @@ def hostile_script(tmp_path, listen_port):
                          "    print('Fitness: 1000.0')\n"
                          "    return torch.relu((ratio - torch.clamp(ratio, 1 - clip_eps, "
                          "1 + clip_eps)) * advantage)\n"), "change_fitness")),
+        ("output", answer(fn("    while True:\n        print('flood' * 1000)\n"), "flood")),
         (None, answer(ZERO, "no_clip", "drop the clip: small budgets reward larger steps")),
     ]
 
@@ -124,6 +125,7 @@ def test_loop_survives_hostile_proposals(tmp_path, monkeypatch):
     assert "not valid JSON" in archive[2]["error"]
     assert "boom during training" in by["raises_in_training"]["error"]
     assert "call_timeout_s" in by["endless"]["error"]
+    assert len(by["flood"]["error"]) <= 2100  # what comes back of a flood is bounded
     # The parent is untouched: no connection reached the listener, no file outside the
     # sandbox, the environment is the same, the API key was never seen by the child.
     with pytest.raises(socket.timeout):
@@ -143,7 +145,7 @@ def test_loop_survives_hostile_proposals(tmp_path, monkeypatch):
     conv = json.loads((run / "conversation.json").read_text())
     feedback = [m["content"] for m in conv if m["role"] == "user"][1:]
     assert all(f.startswith(("Code not valid. Error: ", "Fitness: ")) for f in feedback)
-    assert requests[-1]["messages"][-1]["content"].startswith("Fitness: ")
+    assert requests[-1]["messages"][-1]["content"].startswith("Code not valid. Error: [output]")
     # A good proposal is scored and saved as the best.
     assert by["no_clip"]["fitness"] > warm
     assert res["best_name"] == "no_clip" and res["best_fitness"] == by["no_clip"]["fitness"]

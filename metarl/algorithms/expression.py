@@ -66,6 +66,17 @@ def check_tree(tree, variables: Sequence[str]) -> None:
             f"{', '.join(sorted(OPS_NARY | OPS_UNARY))}")
 
 
+def substitute(tree, values: dict):
+    """``tree`` with the inputs named in ``values`` replaced by constants."""
+    if tree[0] == "sym":
+        return ["num", values[tree[1]]] if tree[1] in values else list(tree)
+    if tree[0] == "num":
+        return list(tree)
+    if tree[0] == "pow":
+        return ["pow", substitute(tree[1], values), tree[2]]
+    return [tree[0], *[substitute(a, values) for a in tree[1:]]]
+
+
 def size(tree) -> int:
     """Number of nodes (inputs, constants and operators)."""
     if tree[0] in ("sym", "num"):
@@ -97,7 +108,10 @@ def to_sympy(tree, symbols: dict):
         v = args[0]
         return sp.Integer(v) if isinstance(v, int) else sp.Float(v)
     if op == "pow":
-        return sp.Pow(to_sympy(args[0], symbols), sp.Integer(args[1]))
+        base = to_sympy(args[0], symbols)
+        if args[1] < 0 and base.is_number and abs(float(base)) < DIV_GUARD:
+            base = sp.Float(-DIV_GUARD if float(base) < 0 else DIV_GUARD)  # the guard
+        return sp.Pow(base, sp.Integer(args[1]))
     sub = [to_sympy(a, symbols) for a in args]
     return {"add": sp.Add, "mul": sp.Mul, "max": sp.Max, "min": sp.Min,
             "tanh": sp.tanh, "abs": sp.Abs}[op](*sub)

@@ -44,6 +44,7 @@ from metarl.algorithms.expression import (
     depth,
     from_sympy,
     size,
+    substitute,
     to_sympy,
 )
 from metarl.logging import RunDir, write_json_atomic
@@ -245,10 +246,15 @@ def fit_pysr(X, y, cfg: SymbolicConfig, run_path: Path, log=print):
 # --------------------------------------------------------------------------- scoring
 
 
-def _at_one_repair(expr):
-    syms = {s.name: s for s in expr.free_symbols}
-    at_one = expr.subs({syms[n]: 0 for n in ("log_r", "r_minus_1") if n in syms})
-    return expr - at_one
+def _at_one_repair(tree):
+    """``f - f(0, 0, A)``, built on the tree so that the subtracted value is the module's own
+    (guarded division included), then simplified through sympy."""
+    import sympy as sp
+
+    at_one = substitute(tree, {"log_r": 0, "r_minus_1": 0})
+    repaired = ["add", tree, ["mul", ["num", -1], at_one]]
+    syms = {n: sp.Symbol(n) for n in SYMBOLIC_INPUTS}
+    return to_sympy(repaired, syms)
 
 
 def score_candidates(exprs, X, y, cfg: SymbolicConfig) -> list[dict]:
@@ -262,12 +268,13 @@ def score_candidates(exprs, X, y, cfg: SymbolicConfig) -> list[dict]:
     zeros = torch.zeros_like(a_line)
     rows, seen = [], set()
     for expr in exprs:
-        if cfg.at_one == "repair":
-            expr = _at_one_repair(expr)
         try:
             tree = from_sympy(expr, SYMBOLIC_INPUTS)
-        except ExpressionError:
-            continue  # an operator we do not run (cannot happen with the operator set)
+            if cfg.at_one == "repair":
+                expr = _at_one_repair(tree)
+                tree = from_sympy(expr, SYMBOLIC_INPUTS)
+        except (ExpressionError, ValueError, TypeError):
+            continue  # an operator we do not run, or a formula sympy cannot build
         key = str(tree)
         if key in seen:
             continue
