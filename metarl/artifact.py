@@ -189,8 +189,11 @@ def load(path_or_name: str | os.PathLike) -> Artifact:
     if rep["kind"] == "symbolic":
         from metarl.algorithms.expression import ExpressionError, check_tree
 
+        if list(rep.get("inputs") or SYMBOLIC_INPUTS) != list(SYMBOLIC_INPUTS):
+            raise ValueError(f"{key}: a symbolic drift's inputs must be "
+                             f"{list(SYMBOLIC_INPUTS)}, the file has {rep.get('inputs')}")
         try:
-            check_tree(rep.get("tree"), rep.get("inputs") or SYMBOLIC_INPUTS)
+            check_tree(rep.get("tree"), SYMBOLIC_INPUTS)
         except ExpressionError as e:
             raise ValueError(f"{key} is a damaged symbolic artifact: {e}") from None
     elif rep["kind"] == "code":

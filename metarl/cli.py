@@ -16,12 +16,12 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per :class:`PPOConfig` field; unset flags keep the per-environment default."""
     group = parser.add_argument_group("inner-loop configuration (defaults per environment)")
     hints = typing.get_type_hints(PPOConfig)
     for f in fields(PPOConfig):
-        if f.name in SKIP_FIELDS:
+        if f.name in SKIP_FIELDS or f.name in skip:
             continue
         tp = hints[f.name]
         args = typing.get_args(tp)
@@ -35,9 +35,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                metavar=base.__name__.upper(), help=help_)
 
 
-def config_overrides(ns: argparse.Namespace) -> dict:
+def config_overrides(ns: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:
     return {f.name: getattr(ns, f.name) for f in fields(PPOConfig)
-            if f.name not in SKIP_FIELDS and getattr(ns, f.name, None) is not None}
+            if f.name not in SKIP_FIELDS and f.name not in skip
+            and getattr(ns, f.name, None) is not None}
 
 
 def _parse_count(text: str):
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "environments (in <out>/evaluate)")
     p.add_argument("--seeds", default="8", help="seeds for --evaluate")
     p.add_argument("--out", default=None, help="run directory (default: runs/symbolic-...)")
+    add_config_flags(p, skip=("backend",))  # for --evaluate (--backend is the regressor's)
 
     p = sub.add_parser("propose", help="an LLM proposes algorithm code, scored in a sandbox",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -274,7 +276,8 @@ def cmd_symbolic(ns) -> int:
         arts = results["artifacts"]
         envs = ns.evaluate or ["CartPole-v1"]
         evaluate([ns.teacher, arts["lowest-loss"], arts["best-score"]], envs, ns.seeds,
-                 out=Path(results["run_dir"]) / "evaluate")
+                 out=Path(results["run_dir"]) / "evaluate",
+                 **config_overrides(ns, skip=("backend",)))
     return 0
 
 

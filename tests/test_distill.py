@@ -116,6 +116,10 @@ def test_bad_settings_and_resume_errors(teacher, tmp_path, capsys):
     distill(small(teacher, hidden=8, epochs=1), out=tmp_path / "r", progress=False)
     with pytest.raises(ValueError, match="already holds"):
         distill(small(teacher, hidden=8, epochs=1), out=tmp_path / "r", progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds another run"):
+        distill(small(teacher, hidden=8, epochs=1), out=tmp_path / "other", progress=False)
     with pytest.raises(ValueError, match="different configuration: hidden"):
         distill(small(teacher, hidden=16, epochs=1), out=tmp_path / "r", resume=True,
                 progress=False)
@@ -155,5 +159,5 @@ def test_resume_after_kill_is_exact(teacher, tmp_path):
 
     def lines(p):
         out = [json.loads(x) for x in (p / "metrics.jsonl").read_text().split("\n") if x]
-        return [{k: v for k, v in ln.items() if k != "time"} for ln in out]
+        return [{k: v for k, v in ln.items() if k not in ("time", "wall_time")} for ln in out]
     assert lines(straight) == lines(killed) and len(lines(killed)) == 6

@@ -62,6 +62,10 @@ def test_expression_round_trip_module_and_source():
     ns = {}
     exec(drift.source(), ns)  # the printed Python source computes the same drift
     assert torch.allclose(ns["drift"](ratio, adv), drift(ratio, adv), atol=1e-6)
+    consts = SymbolicDrift(["min", ["max", ["num", 0.5], ["sym", "A"]],
+                            ["pow", ["add", ["sym", "log_r"], ["num", -0.25]], -1]])
+    exec(consts.source(), ns)  # constants inside max/min, and a guarded division
+    assert torch.allclose(ns["drift"](ratio, adv), consts(ratio, adv), atol=1e-6)
     # A population [P, B] runs through the inner loop's path, vectorised.
     pop = drift.population(torch.zeros(3, 0), ratio.expand(3, -1), adv.expand(3, -1))
     assert pop.shape == (3, 505) and torch.equal(pop[1], drift(ratio, adv))
@@ -100,12 +104,21 @@ def test_constraint_at_r1_reject_and_repair():
     rows = S.score_candidates([good, bad, cheat], data, y, cfg)
     assert len(rows) == 3 and [r["valid"] for r in rows] == [True, False, False]
     assert rows[2]["loss"] < rows[1]["loss"]
-    lowest, best = S.choose(S.pareto_front(rows), rows)
+    lowest, best = S.choose(rows)
     assert lowest["tree"] == rows[0]["tree"] and best["tree"] == rows[0]["tree"]
     # Only invalid candidates: reject says what to do.
     rows_bad = S.score_candidates([bad, cheat], data, y, cfg)
     with pytest.raises(ValueError, match="at-one repair"):
-        S.choose(S.pareto_front(rows_bad), rows_bad)
+        S.choose(rows_bad)
+    # A rejected candidate must not hide a valid one: A*x + 1e-4 (invalid, 5 nodes, nearly
+    # exact) dominates the valid Min(1.01 A x, 5 |A x|) on the front of all candidates, and
+    # the simple valid r - 1 stays on it; the choice is made on the valid candidates' front.
+    near = sp.Min(1.01 * A * x, 5 * sp.Abs(A * x))
+    rows = S.score_candidates([x, A * x + sp.Float(1e-4), near], data, y, cfg)
+    assert [r["valid"] for r in rows] == [True, False, True]
+    assert rows[2] not in S.pareto_front(rows)
+    lowest, best = S.choose(rows)
+    assert lowest["tree"] == rows[2]["tree"] and best["tree"] == rows[2]["tree"]
     # repair: f - f(r=1) is exactly 0 at r = 1.
     cfg_r = S.SymbolicConfig(teacher="ppo-clip", at_one="repair")
     rows_r = S.score_candidates([cheat], data, y, cfg_r)
@@ -157,5 +170,9 @@ def test_bad_trees_and_settings(tmp_path, capsys):
         load(tmp_path / "bad.pt")
     assert main(["symbolic", "dpo", "--max-size", "0", "--out", str(tmp_path / "s")]) == 2
     assert "max_size must be at least 1" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
+    assert main(["symbolic", "dpo", "--out", str(tmp_path / "taken")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["symbolic", "dpo", "--backend", "eureqa"])

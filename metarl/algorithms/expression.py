@@ -14,10 +14,14 @@ Subtraction, negation, division and squaring are written with these (``a - b`` i
 **Guarded division.** Wherever a base is raised to a negative power, a base with
 ``|b| < 1e-3`` is replaced by ``+-1e-3`` (its sign kept; ``+1e-3`` at exactly 0) before the
 power, so ``1/b`` is at most ``1e3`` in size and the module is finite on the whole domain.
-The gplearn backend fits with the same guard (its ``div``), so the fitted numbers and the
-module's agree. Large intermediate values are the only other hazard: outputs are passed
-through ``nan_to_num`` (NaN -> 0, +-inf -> +-1e6) as a last line of defence, and a formula
-whose value is not finite on the fitting grid is rejected before it becomes an artifact.
+The gplearn backend fits with the same guard on each whole denominator (its ``div``);
+sympy then rewrites the formula (``a / (b c)`` becomes ``a b^-1 c^-1``, ``x / x`` becomes
+1), so the guard applies factor by factor in the module, and the two can differ inside the
+guard band. Every loss metarl reports is measured on the module, after these rewrites.
+Large intermediate values are the only other hazard: outputs are passed through
+``nan_to_num`` (NaN -> 0, +-inf -> +-1e6) as a last line of defence, and a formula whose
+raw value (before ``nan_to_num``) is not finite on the fitting grid is rejected before it
+becomes an artifact.
 """
 
 from __future__ import annotations
@@ -154,8 +158,10 @@ def _guard(b: torch.Tensor) -> torch.Tensor:
     return torch.where(b.abs() < DIV_GUARD, sign * DIV_GUARD, b)
 
 
-def compile_tree(tree, variables: Sequence[str]) -> Callable[..., torch.Tensor]:
-    """A function of the inputs (tensors, in ``variables`` order) evaluating ``tree``."""
+def compile_tree(tree, variables: Sequence[str],
+                 finite: bool = True) -> Callable[..., torch.Tensor]:
+    """A function of the inputs (tensors, in ``variables`` order) evaluating ``tree``;
+    ``finite`` passes the result through ``nan_to_num`` (the artifact's module does)."""
     check_tree(tree, variables)
     index = {v: i for i, v in enumerate(variables)}
 
@@ -188,6 +194,8 @@ def compile_tree(tree, variables: Sequence[str]) -> Callable[..., torch.Tensor]:
         return nary
 
     f = build(tree)
+    if not finite:
+        return lambda *xs: f(xs)
     return lambda *xs: torch.nan_to_num(f(xs), nan=0.0, posinf=1e6, neginf=-1e6)
 
 
@@ -210,6 +218,8 @@ def to_source(tree, variables: Sequence[str]) -> str:
         return "(" + " * ".join(sub) + ")"
     if op in ("max", "min"):
         fn = "torch.maximum" if op == "max" else "torch.minimum"
+        # torch.maximum/minimum take tensors only: constants become tensors
+        sub = [f"torch.tensor({s})" if a[0] == "num" else s for a, s in zip(args, sub)]
         out = sub[0]
         for s in sub[1:]:
             out = f"{fn}({out}, {s})"

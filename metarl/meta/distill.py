@@ -18,6 +18,7 @@ the teacher and the zero environment steps spent.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -204,7 +205,7 @@ def make_module(cfg: DistillConfig, total_steps: int):
     return DriftDistiller()
 
 
-def _callbacks(cfg, run: RunDir, ckpt_dir: Path):
+def _callbacks(cfg, run: RunDir, ckpt_dir: Path, clock):
     pl = _lightning()
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -232,7 +233,7 @@ def _callbacks(cfg, run: RunDir, ckpt_dir: Path):
             run.log(epoch=trainer.current_epoch, step=trainer.global_step,
                     train_grad_mse=module.train_sum / max(module.train_count, 1),
                     val_grad_mse=float(m["val_grad_mse"]),
-                    lr=trainer.optimizers[0].param_groups[0]["lr"])
+                    lr=trainer.optimizers[0].param_groups[0]["lr"], wall_time=clock())
             run.sync()
             module.train_sum, module.train_count = 0.0, 0
 
@@ -240,6 +241,12 @@ def _callbacks(cfg, run: RunDir, ckpt_dir: Path):
                             every_n_epochs=1, save_on_train_epoch_end=False,
                             enable_version_counter=False)
     return [ckpt, EpochLog()]
+
+
+def _prior_wall_time(path: Path) -> float:
+    """Wall time of the sessions before this one: the last metrics line's running total."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    return float(json.loads(lines[-1]).get("wall_time", 0.0)) if lines else 0.0
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
@@ -274,6 +281,10 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
     elif ckpt_path.exists():
         raise ValueError(f"{run_path} already holds a distillation run; add --resume to "
                          f"continue it or choose another --out")
+    elif (run_path / "config.json").exists():
+        raise ValueError(f"{run_path} already holds another run (config.json); choose "
+                         f"another --out so that it is not overwritten")
+    prior = _prior_wall_time(run_path / "metrics.jsonl") if resume else 0.0
     run = RunDir(run_path, append=resume)
     if not resume:
         run.write_config(asdict(cfg))
@@ -287,7 +298,10 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
     total_steps = len(loader) * cfg.epochs
     module = make_module(cfg, total_steps)
     logger = False
-    if cfg.wandb != "off":
+    if cfg.wandb != "off" and importlib.util.find_spec("wandb") is None:
+        warnings.warn("wandb is not installed: logging to metrics.jsonl only (pip install "
+                      "wandb, or pass --wandb off)", stacklevel=2)
+    elif cfg.wandb != "off":
         from lightning.pytorch.loggers import WandbLogger
 
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -296,7 +310,8 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
                              resume="allow", config=json.loads(json.dumps(asdict(cfg))))
     trainer = pl.Trainer(
         max_epochs=cfg.epochs, accelerator="auto", devices=1, logger=logger,
-        callbacks=_callbacks(cfg, run, ckpt_dir), enable_progress_bar=progress,
+        callbacks=_callbacks(cfg, run, ckpt_dir, lambda: prior + time.time() - t0),
+        enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, inference_mode=False,
         deterministic=True, log_every_n_steps=max(1, min(50, len(loader))),
         default_root_dir=str(run_path))
@@ -307,7 +322,7 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
         warnings.filterwarnings("ignore", message=".*treespec.*")
         trainer.fit(module, loader, val_loader,
                     ckpt_path=str(ckpt_path) if resume else None)
-    wall = time.time() - t0
+    wall = prior + time.time() - t0  # every session of the run
 
     lines = [json.loads(ln) for ln in (run_path / "metrics.jsonl").read_text().splitlines()
              if ln.strip()]

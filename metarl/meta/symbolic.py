@@ -37,10 +37,11 @@ import numpy as np
 import torch
 
 from metarl import artifact as art_mod
-from metarl.algorithms.drift import SYMBOLIC_INPUTS, SymbolicDrift
+from metarl.algorithms.drift import SYMBOLIC_INPUTS
 from metarl.algorithms.expression import (
     DIV_GUARD,
     ExpressionError,
+    compile_tree,
     depth,
     from_sympy,
     size,
@@ -148,7 +149,7 @@ def _gplearn_to_sympy(program, symbols):
     return parse()
 
 
-def fit_gplearn(X, y, cfg: SymbolicConfig, log=print):
+def fit_gplearn(X, y, cfg: SymbolicConfig, log=print, metrics=lambda **kw: None):
     """Candidate sympy expressions from gplearn's genetic programming (every generation)."""
     try:
         from gplearn.genetic import SymbolicRegressor
@@ -169,6 +170,13 @@ def fit_gplearn(X, y, cfg: SymbolicConfig, log=print):
     model.fit(X, y)
     log(f"gplearn: {cfg.generations} generations of {cfg.population} in "
         f"{time.time() - t0:.1f} s")
+    details = model.run_details_
+    for i, gen in enumerate(details["generation"]):
+        metrics(generation=int(gen), best_mse=float(details["best_fitness"][i]),
+                best_length=int(details["best_length"][i]),
+                average_mse=float(details["average_fitness"][i]),
+                average_length=float(details["average_length"][i]),
+                generation_time=float(details["generation_time"][i]))
     # The lowest-fitness programs per length, over every generation kept.
     best: dict[int, list] = {}
     seen = set()
@@ -282,16 +290,23 @@ def score_candidates(exprs, X, y, cfg: SymbolicConfig) -> list[dict]:
         cplx, dep = size(tree), depth(tree)
         if cplx > cfg.max_size or dep > cfg.max_depth:
             continue
-        drift = SymbolicDrift(tree).double()
+        raw = compile_tree(tree, SYMBOLIC_INPUTS, finite=False)  # no nan_to_num: see it
         with torch.no_grad():
-            pred = torch.relu(drift.fn(Xt[:, 0], Xt[:, 1], Xt[:, 2]))
-            at_one = float(torch.relu(drift.fn(zeros, zeros, a_line)).abs().max())
-        if not torch.isfinite(pred).all():
-            continue
+            pred = torch.relu(raw(Xt[:, 0], Xt[:, 1], Xt[:, 2]))
+            at_one = float(torch.relu(raw(zeros, zeros, a_line)).abs().max())
+            h = 1e-3  # the one-sided slopes of the drift at r = 1, reported (not a filter)
+            up = torch.relu(raw(torch.full_like(a_line, math.log1p(h)),
+                                torch.full_like(a_line, h), a_line))
+            down = torch.relu(raw(torch.full_like(a_line, math.log1p(-h)),
+                                  torch.full_like(a_line, -h), a_line))
+            slope = float(torch.maximum(up.abs(), down.abs()).max() / h)
+        if not (torch.isfinite(pred).all() and math.isfinite(at_one)):
+            continue  # not finite on the grid: rejected before it can become an artifact
         mse = float(((pred - yt) ** 2).mean())
         rows.append({"tree": tree, "formula": str(sp.N(expr, 6)), "complexity": cplx, "depth": dep,
                      "loss": mse, "r2": 1.0 - mse / var if var > 0 else float("nan"),
-                     "at_one": at_one, "valid": at_one <= AT_ONE_TOL})
+                     "at_one": at_one, "slope_at_one": slope,
+                     "valid": at_one <= AT_ONE_TOL})
     return rows
 
 
@@ -318,16 +333,16 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return front
 
 
-def choose(front: list[dict], rows: list[dict]) -> tuple[dict, dict]:
-    """(lowest-loss, best-score) among the candidates that satisfy the r = 1 constraint."""
-    valid_front = [r for r in front if r["valid"]]
-    if not valid_front:
-        valid = [r for r in rows if r["valid"]]
-        if not valid:
-            raise ValueError(
-                "no candidate expression is 0 at r = 1 (the drift constraint), so none can "
-                "be chosen; run longer (--generations, --population) or use --at-one repair")
-        valid_front = pareto_front(valid)
+def choose(rows: list[dict]) -> tuple[dict, dict]:
+    """(lowest-loss, best-score) on the Pareto front of the candidates that satisfy the
+    r = 1 constraint (rejected candidates are removed before the front is built, so they
+    neither hide a valid candidate nor set a score)."""
+    valid = [r for r in rows if r["valid"]]
+    if not valid:
+        raise ValueError(
+            "no candidate expression is 0 at r = 1 (the drift constraint), so none can "
+            "be chosen; run longer (--generations, --population) or use --at-one repair")
+    valid_front = pareto_front(valid)
     lowest = min(valid_front, key=lambda r: r["loss"])
     eligible = [r for r in valid_front if r["loss"] <= 1.5 * lowest["loss"]]
     best = max(eligible, key=lambda r: (r["score"], -r["complexity"]))
@@ -348,17 +363,20 @@ def symbolic_distill(cfg: SymbolicConfig, out: str | Path | None = None,
                                      f"--backend gplearn (pure Python) instead.")
     X, y, teacher = drift_data(cfg.teacher, cfg.grid)
     run_path = Path(out) if out else RunDir.default_path("symbolic", teacher.name)
+    if (run_path / "config.json").exists():
+        raise ValueError(f"{run_path} already holds a run (config.json); choose another --out "
+                         f"so that its results are not overwritten")
     run = RunDir(run_path, append=False)
     run.write_config({**asdict(cfg), "grid_points": len(y)})
     t0 = time.time()
     if cfg.backend == "gplearn":
-        exprs = fit_gplearn(X, y, cfg, log=log)
+        exprs = fit_gplearn(X, y, cfg, log=log, metrics=run.log)
     else:
         exprs = fit_pysr(X, y, cfg, run_path, log=log)
     rows = score_candidates(exprs, X, y, cfg)
     front = pareto_front(rows)
     _write_front(run_path, front)
-    lowest, best = choose(front, rows)
+    lowest, best = choose(rows)
     wall = time.time() - t0
     prov = {"method": f"symbolic-{cfg.backend}", "teacher": teacher.name,
             "teacher_provenance": teacher.provenance, "env_steps": 0,
@@ -391,11 +409,12 @@ def _write_front(run_path: Path, front: list[dict]) -> None:
     write_json_atomic(run_path / "front.json", front)
     with open(run_path / "front.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["complexity", "depth", "loss", "r2", "score", "at_one", "valid",
-                    "formula"])
+        w.writerow(["complexity", "depth", "loss", "r2", "score", "at_one", "slope_at_one",
+                    "valid", "formula"])
         for r in front:
             w.writerow([r["complexity"], r["depth"], f"{r['loss']:.6g}", f"{r['r2']:.6f}",
-                        f"{r['score']:.4f}", f"{r['at_one']:.3g}", r["valid"], r["formula"]])
+                        f"{r['score']:.4f}", f"{r['at_one']:.3g}", f"{r['slope_at_one']:.3g}",
+                        r["valid"], r["formula"]])
 
 
 def _summary(results: dict, front: list[dict]) -> str:
