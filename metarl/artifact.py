@@ -58,10 +58,12 @@ class Artifact:
             return member, member.flat_params()
         if self.kind == "code":
             # Untrusted source: it runs only in a sandboxed child; the caller closes it
-            # (member.close()) when done, or it is closed when garbage-collected.
-            from metarl.meta.sandbox import DriftSandbox, SandboxedDrift
+            # (member.close()) when done, or it is closed when garbage-collected. An
+            # evaluation can train for long: a week of wall time, a day of child CPU.
+            from metarl.meta.sandbox import DriftSandbox, SandboxedDrift, SandboxLimits
 
-            box = DriftSandbox(self.representation["source"]).start()
+            limits = SandboxLimits(wall_s=7 * 86400.0, cpu_s=86400)
+            box = DriftSandbox(self.representation["source"], limits).start()
             member = SandboxedDrift(box)
             return member, member.flat_params()
         if self.kind == "network" and self.representation["member"] == "lpo":

@@ -200,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--call-timeout", type=float, default=60.0,
                    help="sandbox: seconds for one evaluation of the proposed function")
     p.add_argument("--memory-mb", type=int, default=4096, help="sandbox: address-space limit")
-    p.add_argument("--cpu-s", type=int, default=3600, help="sandbox: CPU-seconds limit")
+    p.add_argument("--cpu-s", type=int, default=21600,
+                   help="sandbox: CPU seconds of one proposal's child (validation and training)")
+    p.add_argument("--wall-s", type=float, default=21600.0,
+                   help="sandbox: wall seconds of one proposal's child")
     p.add_argument("--out", default=None, help="run directory (default: runs/propose-...)")
     p.add_argument("--resume", action="store_true", help="continue the run's conversation")
     add_config_flags(p)
@@ -290,7 +293,7 @@ def cmd_propose(ns) -> int:
                         temperature=ns.temperature, request_timeout_s=ns.request_timeout,
                         max_retries=ns.max_retries, retry_base_s=ns.retry_base,
                         call_timeout_s=ns.call_timeout, memory_mb=ns.memory_mb,
-                        cpu_s=ns.cpu_s)
+                        cpu_s=ns.cpu_s, wall_s=ns.wall_s)
     try:
         propose(cfg, out=ns.out, resume=ns.resume)
     except ProposeError as e:
@@ -335,6 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, TypeError, ImportError) as e:
         print(f"metarl {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a code artifact's proposal failing, or its sandbox
+        from metarl.meta.sandbox import ProposalError, SandboxError
+
+        if isinstance(e, ProposalError):
+            print(f"metarl {ns.command}: the artifact's code failed: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, SandboxError):
+            print(f"metarl {ns.command}: sandbox error: {e}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -113,7 +113,7 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
                 run.log(algorithm=art.name, env=env_id, mean=mean, stderr=se,
                         final_return=res.final_return)
             rows.append(row)
-        table = _markdown(rows, in_dist, general, tuned=bool(tune_lr_factors))
+        table = _markdown(rows, in_dist, general, tuned=tune_lr_factors)
         run.write_summary(f"# metarl evaluate\n\nseeds {seeds}; meta-training environments: "
                           f"{', '.join(meta_train_envs) or 'none'}\n\n{table}\n")
         (run.path / "table.md").write_text(table + "\n")
@@ -153,12 +153,12 @@ def _cell(e: dict, tuned: bool = False) -> str:
     return s
 
 
-def _markdown(rows, in_dist, general, tuned: bool = False) -> str:
+def _markdown(rows, in_dist, general, tuned=None) -> str:
     cols = [f"{e} (in dist.)" for e in in_dist] + [f"{e} (generalisation)" for e in general]
     head = "| algorithm | " + " | ".join(cols) + " | env steps to find | time to find |"
     lines = [head, "|---|" + "---:|" * (len(cols) + 2)]
     for r in rows:
-        cells = [_cell(r["envs"][e], tuned) for e in in_dist + general]
+        cells = [_cell(r["envs"][e], bool(tuned)) for e in in_dist + general]
         lines.append(f"| {r['algorithm']} | " + " | ".join(cells)
                      + f" | {r['find_env_steps']:,} | {r['find_wall_time']:.0f} s |")
     lines.append("")
@@ -166,9 +166,10 @@ def _markdown(rows, in_dist, general, tuned: bool = False) -> str:
                  "environment's PPO reference return. The cost to find a distilled algorithm "
                  "includes its teacher's.")
     if tuned:
-        lines.append("The agent learning rate [lr] was tuned per algorithm and environment "
-                     "on separate seeds (seed + 10000) from x0.25, x0.5, x1, x2, x4 of the "
-                     "environment's default.")
+        grid = ", ".join(f"x{f:g}" for f in tuned)
+        lines.append(f"The agent learning rate [lr] was tuned per algorithm and environment "
+                     f"on separate seeds (seed + {TUNE_SEED_OFFSET}) from {grid} of the "
+                     f"configured rate.")
     return "\n".join(lines)
 
 

@@ -277,3 +277,16 @@ def test_code_artifact_evaluates_with_tuned_lr(tmp_path, monkeypatch):
     # No sandbox child is left behind.
     time.sleep(0.2)
     assert threading.active_count() < 50
+
+
+def test_evaluate_reports_a_failing_code_artifact(tmp_path, capsys):
+    from metarl.artifact import code_artifact, save
+
+    save(code_artifact("def drift(ratio, advantage, clip_eps):\n    return ratio[\n",
+                       "drift", {"method": "test"}, name="broken"), tmp_path / "broken.pt")
+    assert main(["show", str(tmp_path / "broken.pt")]) == 0  # loading runs nothing
+    assert "return ratio[" in capsys.readouterr().out
+    rc = main(["evaluate", str(tmp_path / "broken.pt"), "--seeds", "1", "--no-progress",
+               "--out", str(tmp_path / "ev"),
+               *[f"--{k.replace('_', '-')}={v}" for k, v in INNER.items()]])
+    assert rc == 2 and "the artifact's code failed: [syntax]" in capsys.readouterr().err

@@ -148,7 +148,8 @@ class ProposeConfig:
     retry_base_s: float = 2.0
     call_timeout_s: float = 60.0
     memory_mb: int = 4096
-    cpu_s: int = 3600
+    cpu_s: int = 21600
+    wall_s: float = 21600.0
 
     def differences(self, saved: dict) -> list[str]:
         now = json.loads(json.dumps(asdict(self)))
@@ -184,7 +185,8 @@ def check_propose_config(cfg: ProposeConfig):
                          f"--reference-return")
     from metarl.meta.sandbox import SandboxLimits
 
-    SandboxLimits(call_timeout_s=cfg.call_timeout_s, memory_mb=cfg.memory_mb, cpu_s=cfg.cpu_s)
+    SandboxLimits(call_timeout_s=cfg.call_timeout_s, memory_mb=cfg.memory_mb, cpu_s=cfg.cpu_s,
+                  wall_s=cfg.wall_s)
     return configs
 
 
@@ -296,7 +298,7 @@ def score_code(code: str, configs: dict, seeds: list[int], cfg: ProposeConfig) -
     )
 
     limits = SandboxLimits(call_timeout_s=cfg.call_timeout_s, memory_mb=cfg.memory_mb,
-                           cpu_s=cfg.cpu_s, wall_s=max(1800.0, float(cfg.cpu_s)))
+                           cpu_s=cfg.cpu_s, wall_s=cfg.wall_s)
     per_env, env_steps = {}, 0
     try:
         with DriftSandbox(code, limits) as box:

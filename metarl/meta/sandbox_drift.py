@@ -53,6 +53,10 @@ class SandboxedDrift(Drift):
                              "use it as a context manager first")
         self.sandbox = sandbox
 
+    def close(self) -> None:
+        """Stop the sandboxed child (also done when the sandbox is garbage-collected)."""
+        self.sandbox.close()
+
     def forward(self, ratio, advantage, clip_eps=0.2):
         return _SandboxFunction.apply(ratio, advantage, float(clip_eps), self.sandbox)
 
