@@ -41,16 +41,21 @@ def tune_lr(config, drift, params, seeds: list[int], factors=LR_FACTORS,
             progress: bool = False) -> tuple[float, dict]:
     """The agent learning rate, from ``factors`` x the environment's, with the highest mean
     final return on tuning seeds (``seeds`` shifted by 10,000, so the seeds that are
-    reported were not used to choose it)."""
+    reported were not used to choose it). A rate where any tuning seed failed or diverged
+    is disqualified (its score is None)."""
     tune_seeds = [s + TUNE_SEED_OFFSET for s in seeds]
     scores = {}
     for f in factors:
         lr = config.lr * f
         res = train(dataclasses.replace(config, lr=lr), drift, params, tune_seeds,
                     progress=progress)
-        x = res.final_return[torch.isfinite(res.final_return)]
-        scores[lr] = float(x.mean()) if x.numel() else float("-inf")
-    return max(scores, key=scores.get), scores
+        # A rate where any seed diverged is disqualified: a lone survivor must not win.
+        ok = bool(torch.isfinite(res.final_return).all()) and not bool(res.failed.any())
+        scores[lr] = float(res.final_return.mean()) if ok else None  # None: disqualified
+    clean = {lr: v for lr, v in scores.items() if v is not None}
+    if not clean:
+        return config.lr, scores  # nothing trained cleanly: keep the configured rate
+    return max(clean, key=clean.get), scores
 
 
 def evaluate(algorithms: list[str], envs: list[str], seeds=8,

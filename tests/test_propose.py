@@ -38,7 +38,7 @@ def fn(body: str, head: str = "") -> str:
     return head + "def drift(ratio, advantage, clip_eps):\n" + body
 
 
-def hostile_script(tmp_path, listen_port):
+def hostile_script(tmp_path, listen_port, sentinel):
     outside = tmp_path / "outside.txt"
     return outside, [
         ("syntax", answer("def drift(ratio, advantage, clip_eps)\n    return ratio\n", "syn")),
@@ -64,25 +64,33 @@ def hostile_script(tmp_path, listen_port):
                                 f"    return 0 * ratio\n"), "write_outside")),
         ("forbidden", answer(fn("    import os\n"
                                 "    k = os.environ.get('OPENAI_API_KEY', '')\n"
-                                "    try:\n"
-                                "        k += open(f'/proc/{os.getppid()}/environ').read()\n"
-                                "    except Exception as e:\n"
-                                "        k += repr(e)\n"
-                                "    raise RuntimeError('KEY ' + k)\n"), "read_key")),
-        ("forbidden", answer(fn("    import os\n"
-                                "    for pid in ('self', str(os.getppid())):\n"
+                                "    for pid in (os.getppid(), PARENT):\n"
                                 "        try:\n"
-                                "            open(f'/proc/{pid}/cwd/state.json', 'w')"
-                                ".write('{}')\n"
-                                "        except Exception:\n"
+                                "            k += open(f'/proc/{pid}/environ').read()\n"
+                                "        except BaseException as e:\n"
+                                "            k += repr(e)\n"
+                                "        try:  # native code: no audit event\n"
+                                "            t = torch.from_file(f'/proc/{pid}/environ', "
+                                "size=4096, dtype=torch.uint8)\n"
+                                "            k += bytes(t.tolist()).decode(errors='replace')\n"
+                                "        except BaseException as e:\n"
+                                "            k += repr(e)\n"
+                                "    raise RuntimeError('KEY ' + k)\n",
+                                f"PARENT = {os.getpid()}\n"), "read_key")),
+        ("forbidden", answer(fn("    import numpy\n"
+                                "    for write in (lambda: open(SENTINEL, 'w').write('x'),\n"
+                                "                  lambda: torch.save(ratio, SENTINEL),\n"
+                                "                  lambda: numpy.zeros(3).tofile(SENTINEL),\n"
+                                "                  lambda: torch.save(ratio, OUTSIDE)):\n"
+                                "        try:\n"
+                                "            write()\n"
+                                "        except BaseException:\n"
                                 "            pass\n"
-                                "    return torch.zeros_like(ratio)\n"), "overwrite_state")),
-        (None, answer(fn("    try:\n"
-                         "        import metarl.meta.propose as p\n"
-                         "        p.FAILED_FITNESS = 1e9\n"
-                         "    except BaseException:\n"
-                         "        pass\n"
-                         "    print('Fitness: 1000.0')\n"
+                                "    return torch.zeros_like(ratio)\n",
+                                f"SENTINEL = {str(sentinel)!r}\n"
+                                f"OUTSIDE = {str(outside) + '.pt'!r}\n"),
+                             "overwrite_files")),
+        (None, answer(fn("    print('Fitness: 1000.0')  # text; the parent keeps it as text\n"
                          "    return torch.relu((ratio - torch.clamp(ratio, 1 - clip_eps, "
                          "1 + clip_eps)) * advantage)\n"), "change_fitness")),
         ("output", answer(fn("    while True:\n        print('flood' * 1000)\n"), "flood")),
@@ -101,9 +109,11 @@ def _listener():
 def test_loop_survives_hostile_proposals(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     listener = _listener()
-    outside, script = hostile_script(tmp_path, listener.getsockname()[1])
     run = tmp_path / "run"
     run.mkdir()
+    sentinel = run / "sentinel.txt"  # a file of the parent's run directory
+    sentinel.write_text("the parent's")
+    outside, script = hostile_script(tmp_path, listener.getsockname()[1], sentinel)
     monkeypatch.chdir(run)
     import envpool  # noqa: F401 - it sets MPLBACKEND etc. on first import; do that first
     parent_env = dict(os.environ)
@@ -130,7 +140,8 @@ def test_loop_survives_hostile_proposals(tmp_path, monkeypatch):
     # sandbox, the environment is the same, the API key was never seen by the child.
     with pytest.raises(socket.timeout):
         listener.accept()
-    assert not outside.exists()
+    assert not outside.exists() and not (tmp_path / "outside.txt.pt").exists()
+    assert sentinel.read_text() == "the parent's"
     assert dict(os.environ) == parent_env
     assert "/environ" in by["read_key"]["error"]  # refused, and the message says what
     # Changing its own fitness: the score is the parent's, equal to the warm start's (the
@@ -271,7 +282,8 @@ def test_code_artifact_evaluates_with_tuned_lr(tmp_path, monkeypatch):
     rows = {r["algorithm"]: r for r in res["algorithms"]}
     e = rows["lpo-propose-no_clip"]["envs"]["CartPole-v1"]
     assert set(e["lr_scores"]) == {1.5e-3, 3e-3, 6e-3}
-    assert e["lr"] == max(e["lr_scores"], key=e["lr_scores"].get)
+    clean = {k: v for k, v in e["lr_scores"].items() if v is not None}
+    assert e["lr"] == max(clean, key=clean.get)
     assert e["failed"] == 0 and torch.isfinite(torch.tensor(e["mean"]))
     assert "[lr " in (tmp_path / "ev" / "table.md").read_text()
     # No sandbox child is left behind.

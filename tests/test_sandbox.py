@@ -420,7 +420,8 @@ def test_cannot_change_its_own_fitness(tmp_path, monkeypatch):
     """)
     e = load_error(code)
     assert e.reason == "forbidden" and "another process's /proc entry" in e.message
-    assert "patched its own copy" in e.message  # it did, in the child only
+    # Whether the child could import metarl at all depends on where it is installed (the
+    # worker runs as nobody); either way only the child's copy could change:
     assert ppo.train is train_before
     assert not (tmp_path / "archive.json").exists()
     assert "Fitness: 1000" in e.output  # printed text is just text the parent keeps

@@ -30,8 +30,8 @@ def test_planted_teacher_is_recovered(teacher, tmp_path):
         assert params.numel() == 0
         pred = drift.double()(ratio, adv)
         r2 = 1 - ((pred - target) ** 2).sum() / ((target - target.mean()) ** 2).sum()
-        if label == "lowest-loss":
-            assert r2 >= 0.99, f"{teacher}: R^2 {float(r2):.4f}"  # measured 0.995 / 0.9986
+        # measured: dpo 0.9951 / 0.9951, ppo-clip 0.9986 / 0.9981 (lowest-loss / best-score)
+        assert r2 >= 0.99, f"{teacher} {label}: R^2 {float(r2):.4f}"
         assert size(art.representation["tree"]) <= 40
         # 0 at r = 1 (the constraint the chosen expressions must meet)
         assert float(drift(torch.ones(33), torch.linspace(-8, 8, 33)).abs().max()) <= 1e-6

@@ -31,7 +31,7 @@ import torch
 
 from metarl import artifact as art_mod
 from metarl.algorithms.drift import LPO
-from metarl.logging import RunDir, write_json_atomic
+from metarl.logging import RunDir, write_json_atomic, write_text_atomic
 from metarl.meta.families import DriftGrid, drift_and_grad, teacher_module
 
 
@@ -255,7 +255,7 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines()
             if ln.strip() and json.loads(ln).get("epoch", 0) < epochs_done]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = False,
@@ -276,7 +276,7 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
         diffs = cfg.differences(saved)
         if diffs:
             raise ValueError("--resume with a different configuration: " + "; ".join(diffs))
-        done = int(torch.load(ckpt_path, map_location="cpu", weights_only=False)["epoch"]) + 1
+        done = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]) + 1
         _truncate_metrics(run_path / "metrics.jsonl", done)
     elif ckpt_path.exists():
         raise ValueError(f"{run_path} already holds a distillation run; add --resume to "
@@ -320,6 +320,7 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
         # grid; its pytree deprecation notice is about Lightning's own code.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*treespec.*")
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # resume
         trainer.fit(module, loader, val_loader,
                     ckpt_path=str(ckpt_path) if resume else None)
     wall = prior + time.time() - t0  # every session of the run

@@ -30,6 +30,11 @@ class DriftGrid:
     adv_step: float = 1 / 64
 
     def check(self) -> None:
+        values = asdict(self)
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"grid values must be finite numbers; {', '.join(bad)} "
+                             f"{'is' if len(bad) == 1 else 'are'} not: {values}")
         if not (self.log_ratio_min < self.log_ratio_max and self.adv_min < self.adv_max):
             raise ValueError(f"empty grid: need log_ratio_min < log_ratio_max and "
                              f"adv_min < adv_max, got {asdict(self)}")

@@ -216,6 +216,21 @@ class ChatClient:
                                     timeout=cfg.request_timeout_s)
         self.retries = 0
 
+    def preflight(self) -> None:
+        """Fail fast on an endpoint that cannot be reached or refuses the key (GET /models;
+        a server without that route is fine)."""
+        o = self.openai
+        try:
+            self.client.models.list()
+        except (o.APIConnectionError, o.APITimeoutError) as e:
+            raise ProposeError(f"cannot reach the model endpoint "
+                               f"{self.cfg.base_url or 'https://api.openai.com/v1'}: "
+                               f"{_short(e)}") from None
+        except o.APIStatusError as e:
+            if e.status_code in (401, 403):
+                raise ProposeError(f"the model endpoint refused the API key (HTTP "
+                                   f"{e.status_code}); set {self.cfg.api_key_env}") from None
+
     def complete(self, messages: list[dict]) -> str:
         o = self.openai
         retryable = (o.APIConnectionError, o.APITimeoutError, o.RateLimitError,
@@ -346,7 +361,11 @@ def propose(cfg: ProposeConfig, out: str | Path | None = None, resume: bool = Fa
     elif state_path.exists():
         raise ValueError(f"{run_path} already holds a proposal run; add --resume to continue "
                          f"it or choose another --out")
+    elif (run_path / "config.json").exists():
+        raise ValueError(f"{run_path} already holds another run (config.json); choose "
+                         f"another --out so that it is not overwritten")
     client = client or ChatClient(cfg, log=log)
+    client.preflight()  # a wrong URL or key is said now, not after scoring the warm start
     run = RunDir(run_path, append=resume)
     public_cfg = json.loads(json.dumps(asdict(cfg)))
     run.write_config({**public_cfg, "api_key_set": bool(os.environ.get(cfg.api_key_env))})

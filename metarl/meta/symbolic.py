@@ -84,8 +84,8 @@ def check_symbolic_config(cfg: SymbolicConfig) -> None:
     for name in ("max_size", "max_depth", "population", "generations"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.parsimony < 0:
-        raise ValueError(f"parsimony must be >= 0, got {cfg.parsimony}")
+    if not (math.isfinite(cfg.parsimony) and cfg.parsimony >= 0):
+        raise ValueError(f"parsimony must be a finite number >= 0, got {cfg.parsimony}")
     cfg.grid.check()
 
 
@@ -262,7 +262,13 @@ def _at_one_repair(tree):
     at_one = substitute(tree, {"log_r": 0, "r_minus_1": 0})
     repaired = ["add", tree, ["mul", ["num", -1], at_one]]
     syms = {n: sp.Symbol(n) for n in SYMBOLIC_INPUTS}
-    return to_sympy(repaired, syms)
+    simpler = from_sympy(to_sympy(repaired, syms), SYMBOLIC_INPUTS)
+    # sympy's simplification ignores the division guard (A / A -> 1); keep it only when the
+    # module it gives is still 0 at r = 1, else keep the tree as built (exact by design).
+    line = torch.linspace(-8, 8, 65, dtype=torch.float64)
+    zeros = torch.zeros_like(line)
+    f = compile_tree(simpler, SYMBOLIC_INPUTS)
+    return simpler if float(f(zeros, zeros, line).abs().max()) == 0.0 else repaired
 
 
 def score_candidates(exprs, X, y, cfg: SymbolicConfig) -> list[dict]:
@@ -279,8 +285,8 @@ def score_candidates(exprs, X, y, cfg: SymbolicConfig) -> list[dict]:
         try:
             tree = from_sympy(expr, SYMBOLIC_INPUTS)
             if cfg.at_one == "repair":
-                expr = _at_one_repair(tree)
-                tree = from_sympy(expr, SYMBOLIC_INPUTS)
+                tree = _at_one_repair(tree)
+                expr = to_sympy(tree, {n: sp.Symbol(n) for n in SYMBOLIC_INPUTS})
         except (ExpressionError, ValueError, TypeError):
             continue  # an operator we do not run, or a formula sympy cannot build
         key = str(tree)
@@ -333,15 +339,16 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return front
 
 
-def choose(rows: list[dict]) -> tuple[dict, dict]:
+def choose(rows: list[dict], at_one: str = "reject") -> tuple[dict, dict]:
     """(lowest-loss, best-score) on the Pareto front of the candidates that satisfy the
     r = 1 constraint (rejected candidates are removed before the front is built, so they
     neither hide a valid candidate nor set a score)."""
     valid = [r for r in rows if r["valid"]]
     if not valid:
+        hint = "" if at_one == "repair" else " or use --at-one repair"
         raise ValueError(
-            "no candidate expression is 0 at r = 1 (the drift constraint), so none can "
-            "be chosen; run longer (--generations, --population) or use --at-one repair")
+            f"no candidate expression is 0 at r = 1 (the drift constraint), so none can "
+            f"be chosen; run longer (--generations, --population){hint}")
     valid_front = pareto_front(valid)
     lowest = min(valid_front, key=lambda r: r["loss"])
     eligible = [r for r in valid_front if r["loss"] <= 1.5 * lowest["loss"]]
@@ -374,9 +381,15 @@ def symbolic_distill(cfg: SymbolicConfig, out: str | Path | None = None,
     else:
         exprs = fit_pysr(X, y, cfg, run_path, log=log)
     rows = score_candidates(exprs, X, y, cfg)
-    front = pareto_front(rows)
+    lowest, best = choose(rows, cfg.at_one)
+    front = pareto_front([r for r in rows if r["valid"]])  # what the choice was made on
+    for r in front:
+        r["chosen"] = ",".join(label for label, c in (("lowest-loss", lowest),
+                                                      ("best-score", best))
+                               if c["tree"] == r["tree"])
     _write_front(run_path, front)
-    lowest, best = choose(rows)
+    write_json_atomic(run_path / "candidates.json",
+                      sorted(rows, key=lambda r: (r["complexity"], r["loss"])))
     wall = time.time() - t0
     prov = {"method": f"symbolic-{cfg.backend}", "teacher": teacher.name,
             "teacher_provenance": teacher.provenance, "env_steps": 0,
@@ -410,23 +423,24 @@ def _write_front(run_path: Path, front: list[dict]) -> None:
     with open(run_path / "front.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["complexity", "depth", "loss", "r2", "score", "at_one", "slope_at_one",
-                    "valid", "formula"])
+                    "chosen", "formula"])
         for r in front:
             w.writerow([r["complexity"], r["depth"], f"{r['loss']:.6g}", f"{r['r2']:.6f}",
                         f"{r['score']:.4f}", f"{r['at_one']:.3g}", f"{r['slope_at_one']:.3g}",
-                        r["valid"], r["formula"]])
+                        r["chosen"], r["formula"]])
 
 
 def _summary(results: dict, front: list[dict]) -> str:
     lines = [f"# Symbolic distillation of {results['teacher']} ({results['backend']})", "",
              f"{results['grid_points']} grid points, {results['candidates']} candidates, "
              f"{results['wall_time_s']:.1f} s, 0 environment steps.", "",
-             "| complexity | loss | R^2 | score | 0 at r=1 | formula |",
-             "|---:|---:|---:|---:|:--:|---|"]
+             "The Pareto front of the candidates that are 0 at r = 1 (all candidates, "
+             "rejected ones included, are in candidates.json):", "",
+             "| complexity | loss | R^2 | score | chosen | formula |",
+             "|---:|---:|---:|---:|---|---|"]
     for r in front:
         lines.append(f"| {r['complexity']} | {r['loss']:.4g} | {r['r2']:.4f} | "
-                     f"{r['score']:.3f} | {'yes' if r['valid'] else 'no'} | "
-                     f"`{r['formula']}` |")
+                     f"{r['score']:.3f} | {r['chosen']} | `{r['formula']}` |")
     lines += ["", f"- lowest loss: `{results['lowest_loss_formula']}`",
               f"- best score: `{results['best_score_formula']}`"]
     return "\n".join(lines) + "\n"
