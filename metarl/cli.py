@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "network of the same or another width (no environment samples)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("teacher", help="a network artifact (e.g. best.pt of meta-train)")
-    p.add_argument("--hidden", type=int, default=128, help="student width (LPO: 128)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="student width (default: the teacher's, 128 for the paper's LPO)")
     p.add_argument("--epochs", type=int, default=20, help="passes over the grid")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--lr-start", type=float, default=1e-4, help="Adam learning rate at start")

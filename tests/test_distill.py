@@ -172,3 +172,14 @@ def test_resume_after_kill_is_exact(teacher, tmp_path):
         out = [json.loads(x) for x in (p / "metrics.jsonl").read_text().split("\n") if x]
         return [{k: v for k, v in ln.items() if k not in ("time", "wall_time")} for ln in out]
     assert lines(straight) == lines(killed) and len(lines(killed)) == 6
+
+
+def test_default_width_is_the_teachers(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    save(network_artifact("lpo", torch.randn(8 * 16 + 16, generator=g) * 0.3,
+                          {"method": "test"}, name="t16", hidden=16), tmp_path / "t16.pt")
+    res = distill(DistillConfig(teacher=str(tmp_path / "t16.pt"), epochs=1, wandb="off",
+                                grid=DriftGrid(log_ratio_step=1 / 16, adv_step=1 / 4)),
+                  out=tmp_path / "d", progress=False)
+    assert res["hidden"] == 16 and res["student_params"] == 144
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["hidden"] == 16

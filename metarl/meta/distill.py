@@ -1,6 +1,6 @@
 """Black-box distillation: imitate a learned network with another network, no env samples.
 
-``metarl distill ART --hidden 128`` trains a student of the family's learned architecture
+``metarl distill ART [--hidden N]`` trains a student of the family's learned architecture
 (LPO at any width) to imitate the teacher on synthetic inputs (:mod:`metarl.meta.families`).
 For LPO the student matches the gradient of the actor loss ``-(r A - drift)`` with respect
 to the ratio ``r`` (mean squared error) on the paper's grid, with Adam and the learning rate
@@ -18,6 +18,7 @@ the teacher and the zero environment steps spent.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -38,7 +39,7 @@ from metarl.meta.families import DriftGrid, drift_and_grad, teacher_module
 @dataclass
 class DistillConfig:
     teacher: str
-    hidden: int = 128
+    hidden: int | None = None  # None: the teacher's width (LPO: 128)
     grid: DriftGrid = field(default_factory=DriftGrid)
     epochs: int = 20
     batch_size: int = 4096
@@ -59,7 +60,7 @@ class DistillConfig:
 
 def check_distill_config(cfg: DistillConfig) -> None:
     for name in ("hidden", "epochs", "batch_size"):
-        if int(getattr(cfg, name)) < 1:
+        if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if not 0 < cfg.lr_end <= cfg.lr_start:
         raise ValueError(f"need 0 < lr_end <= lr_start, got lr_start={cfg.lr_start}, "
@@ -263,6 +264,8 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
     """Train a student network to imitate ``cfg.teacher``; return the results."""
     check_distill_config(cfg)
     teacher_art, teacher = load_teacher(cfg.teacher)
+    if cfg.hidden is None:  # the same width as the teacher
+        cfg = dataclasses.replace(cfg, hidden=int(teacher.hidden))
     pl = _lightning()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no start-up banner
     run_path = Path(out) if out else RunDir.default_path("distill", teacher_art.name)
