@@ -45,19 +45,15 @@ def _parse_count(text: str):
     return text  # parsed by metarl.train.parse_seeds, which explains bad input
 
 
-DISTILL_GRID = {"log_ratio_range": (-2.0, 2.0), "log_ratio_step": 1 / 256,
-                "adv_range": (-8.0, 8.0), "adv_step": 1 / 64}
-SYMBOLIC_GRID = {**DISTILL_GRID, "log_ratio_step": 1 / 16, "adv_step": 1 / 4}
-
-
-def _grid_flags(p: argparse.ArgumentParser, d: dict) -> None:
+def _grid_flags(p: argparse.ArgumentParser, d) -> None:
+    """Flags of a :class:`~metarl.meta.families.DriftGrid`, with ``d``'s values as defaults."""
     g = p.add_argument_group("synthetic grid (log r = k * step; A from its range by step)")
-    g.add_argument("--log-ratio-range", nargs=2, type=float, default=d["log_ratio_range"],
+    g.add_argument("--log-ratio-range", nargs=2, type=float,
+                   default=(d.log_ratio_min, d.log_ratio_max), metavar=("MIN", "MAX"))
+    g.add_argument("--log-ratio-step", type=float, default=d.log_ratio_step)
+    g.add_argument("--adv-range", nargs=2, type=float, default=(d.adv_min, d.adv_max),
                    metavar=("MIN", "MAX"))
-    g.add_argument("--log-ratio-step", type=float, default=d["log_ratio_step"])
-    g.add_argument("--adv-range", nargs=2, type=float, default=d["adv_range"],
-                   metavar=("MIN", "MAX"))
-    g.add_argument("--adv-step", type=float, default=d["adv_step"])
+    g.add_argument("--adv-step", type=float, default=d.adv_step)
 
 
 def _grid(ns):
@@ -69,6 +65,7 @@ def _grid(ns):
 
 def build_parser() -> argparse.ArgumentParser:
     from metarl import __version__
+    from metarl.meta.families import SYMBOLIC_GRID, DriftGrid
 
     parser = argparse.ArgumentParser(
         prog="metarl", description="Meta-learn reinforcement-learning algorithms.")
@@ -149,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-scale", type=float, default=1.0,
                    help="student init: uniform(+-scale/sqrt(fan_in))")
     p.add_argument("--seed", type=int, default=0)
-    _grid_flags(p, DISTILL_GRID)
+    _grid_flags(p, DriftGrid())
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "off"])
     p.add_argument("--out", default=None, help="run directory (default: runs/distill-...)")
     p.add_argument("--resume", action="store_true",

@@ -94,7 +94,7 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
     try:
         for art, spec in zip(arts, algorithms):
             drift, params = art.build()
-            closers.append(getattr(drift, "sandbox", None))
+            closers.append(getattr(drift, "close", None))  # a code artifact's sandbox
             row = {"algorithm": art.name, "source": spec, "kind": art.kind,
                    "method": art.provenance.get("method", ""),
                    "find_env_steps": find_cost(art.provenance, "env_steps"),
@@ -130,9 +130,9 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
         run.write_results(results)
     finally:
         run.close()
-        for box in closers:  # sandboxes of code artifacts
-            if box is not None:
-                box.close()
+        for close in closers:
+            if close is not None:
+                close()
     echo(table)
     echo(f"\nrun directory: {run.path}")
     results["out"] = str(run.path)

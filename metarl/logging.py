@@ -46,6 +46,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def keep_metrics(path: str | os.PathLike, key: str, below: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` whose ``key`` is below ``below`` (those a
+    checkpoint holds), atomically: on resume, lines written after the last checkpoint by a
+    killed run are dropped so that they are not logged twice."""
+    path = Path(path)
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get(key, 0) < below]
+        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def refuse_other_run(run_path: str | os.PathLike) -> None:
+    """Refuse to start a new run in a directory that already holds one."""
+    if (Path(run_path) / "config.json").exists():
+        raise ValueError(f"{run_path} already holds another run (config.json); choose "
+                         f"another --out so that it is not overwritten")
+
+
 class RunDir:
     """A run directory. ``log(**metrics)`` appends one line to ``metrics.jsonl``."""
 

@@ -128,11 +128,11 @@ def test_bad_settings_and_resume_errors(teacher, tmp_path, capsys):
 
 
 def test_metrics_of_an_uncheckpointed_epoch_are_dropped(tmp_path):
-    from metarl.meta.distill import _truncate_metrics
+    from metarl.logging import keep_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"epoch": e, "wall_time": e}) + "\n" for e in range(4)))
-    _truncate_metrics(path, 2)  # the checkpoint holds epochs 0 and 1
+    keep_metrics(path, "epoch", 2)  # the checkpoint holds epochs 0 and 1
     assert [json.loads(x)["epoch"] for x in path.read_text().splitlines()] == [0, 1]
 
 

@@ -173,6 +173,6 @@ def test_bad_trees_and_settings(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "config.json").write_text("{}")
     assert main(["symbolic", "dpo", "--out", str(tmp_path / "taken")]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds another run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["symbolic", "dpo", "--backend", "eureqa"])

@@ -32,7 +32,7 @@ import torch
 
 from metarl import artifact as art_mod
 from metarl.algorithms.drift import LPO
-from metarl.logging import RunDir, write_json_atomic, write_text_atomic
+from metarl.logging import RunDir, keep_metrics, refuse_other_run, write_json_atomic
 from metarl.meta.families import DriftGrid, drift_and_grad, teacher_module
 
 
@@ -250,15 +250,6 @@ def _prior_wall_time(path: Path) -> float:
     return float(json.loads(lines[-1]).get("wall_time", 0.0)) if lines else 0.0
 
 
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Keep the metrics lines of the epochs the checkpoint holds."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln).get("epoch", 0) < epochs_done]
-    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
-
-
 def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = False,
             progress: bool = True, log=print) -> dict:
     """Train a student network to imitate ``cfg.teacher``; return the results."""
@@ -280,13 +271,12 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
         if diffs:
             raise ValueError("--resume with a different configuration: " + "; ".join(diffs))
         done = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]) + 1
-        _truncate_metrics(run_path / "metrics.jsonl", done)
+        keep_metrics(run_path / "metrics.jsonl", "epoch", done)
     elif ckpt_path.exists():
         raise ValueError(f"{run_path} already holds a distillation run; add --resume to "
                          f"continue it or choose another --out")
-    elif (run_path / "config.json").exists():
-        raise ValueError(f"{run_path} already holds another run (config.json); choose "
-                         f"another --out so that it is not overwritten")
+    else:
+        refuse_other_run(run_path)
     prior = _prior_wall_time(run_path / "metrics.jsonl") if resume else 0.0
     run = RunDir(run_path, append=resume)
     if not resume:

@@ -63,6 +63,10 @@ class DriftGrid:
         return r.reshape(-1).to(dtype), a.reshape(-1).to(dtype)
 
 
+#: symbolic regression's default: the same ranges, 64 x 64 points (its cost grows with them)
+SYMBOLIC_GRID = DriftGrid(log_ratio_step=1 / 16, adv_step=1 / 4)
+
+
 def teacher_module(drift: Drift, params: torch.Tensor) -> Drift:
     """``drift`` with ``params`` loaded (a no-op for members without parameters)."""
     if drift.num_meta_params:

@@ -41,7 +41,13 @@ from pathlib import Path
 
 from metarl import artifact as art_mod
 from metarl.inner.ppo import prepare_configs, train
-from metarl.logging import RunDir, write_json_atomic, write_text_atomic
+from metarl.logging import (
+    RunDir,
+    keep_metrics,
+    refuse_other_run,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 FAILED_FITNESS = -10000.0
 
@@ -151,6 +157,13 @@ class ProposeConfig:
     cpu_s: int = 21600
     wall_s: float = 21600.0
 
+    def limits(self):
+        """The sandbox limits of one proposal's child."""
+        from metarl.meta.sandbox import SandboxLimits
+
+        return SandboxLimits(call_timeout_s=self.call_timeout_s, memory_mb=self.memory_mb,
+                             cpu_s=self.cpu_s, wall_s=self.wall_s)
+
     def differences(self, saved: dict) -> list[str]:
         now = json.loads(json.dumps(asdict(self)))
         keys = ("family", "model", "envs", "seeds", "inner")  # the endpoint may move
@@ -183,10 +196,7 @@ def check_propose_config(cfg: ProposeConfig):
                          f"reference return, and {', '.join(missing)} has none; choose "
                          f"environments with one (CartPole-v1, Acrobot-v1, ...) or pass "
                          f"--reference-return")
-    from metarl.meta.sandbox import SandboxLimits
-
-    SandboxLimits(call_timeout_s=cfg.call_timeout_s, memory_mb=cfg.memory_mb, cpu_s=cfg.cpu_s,
-                  wall_s=cfg.wall_s)
+    cfg.limits()  # checks the sandbox settings
     return configs
 
 
@@ -308,15 +318,12 @@ def score_code(code: str, configs: dict, seeds: list[int], cfg: ProposeConfig) -
         DriftSandbox,
         ProposalError,
         SandboxedDrift,
-        SandboxLimits,
         validate_drift,
     )
 
-    limits = SandboxLimits(call_timeout_s=cfg.call_timeout_s, memory_mb=cfg.memory_mb,
-                           cpu_s=cfg.cpu_s, wall_s=cfg.wall_s)
     per_env, env_steps = {}, 0
     try:
-        with DriftSandbox(code, limits) as box:
+        with DriftSandbox(code, cfg.limits()) as box:
             validate_drift(box.call)
             drift = SandboxedDrift(box)
             for env_id, c in configs.items():
@@ -357,13 +364,13 @@ def propose(cfg: ProposeConfig, out: str | Path | None = None, resume: bool = Fa
         diffs = cfg.differences(state["config"])
         if diffs:
             raise ValueError("--resume with a different configuration: " + "; ".join(diffs))
-        _truncate_metrics(run_path / "metrics.jsonl", state["generation"])
+        # a generation logged but not committed to state.json is redone: drop its line
+        keep_metrics(run_path / "metrics.jsonl", "generation", state["generation"] + 1)
     elif state_path.exists():
         raise ValueError(f"{run_path} already holds a proposal run; add --resume to continue "
                          f"it or choose another --out")
-    elif (run_path / "config.json").exists():
-        raise ValueError(f"{run_path} already holds another run (config.json); choose "
-                         f"another --out so that it is not overwritten")
+    else:
+        refuse_other_run(run_path)
     client = client or ChatClient(cfg, log=log)
     client.preflight()  # a wrong URL or key is said now, not after scoring the warm start
     run = RunDir(run_path, append=resume)
@@ -425,15 +432,6 @@ def propose(cfg: ProposeConfig, out: str | Path | None = None, resume: bool = Fa
     finally:
         run.close()
     return _finish(run_path, state, cfg)
-
-
-def _truncate_metrics(path: Path, generation: int) -> None:
-    """Drop metrics lines of a generation that state.json does not hold (killed between the
-    two writes), so the redone generation is not logged twice."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("generation", 0) <= generation]
-        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 def _metrics(entry, state) -> dict:

@@ -30,7 +30,7 @@ import csv
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +48,8 @@ from metarl.algorithms.expression import (
     substitute,
     to_sympy,
 )
-from metarl.logging import RunDir, write_json_atomic
-from metarl.meta.families import DriftGrid, teacher_module
+from metarl.logging import RunDir, refuse_other_run, write_json_atomic
+from metarl.meta.families import SYMBOLIC_GRID, DriftGrid, teacher_module
 
 BACKENDS = ("gplearn", "pysr")
 AT_ONE = ("reject", "repair")
@@ -65,8 +65,7 @@ class SymbolicConfig:
     teacher: str
     backend: str = "gplearn"
     at_one: str = "reject"
-    grid: DriftGrid = field(default_factory=lambda: DriftGrid(log_ratio_step=1 / 16,
-                                                              adv_step=1 / 4))
+    grid: DriftGrid = field(default_factory=lambda: replace(SYMBOLIC_GRID))
     max_size: int = 40
     max_depth: int = 8
     population: int = 1000
@@ -370,9 +369,7 @@ def symbolic_distill(cfg: SymbolicConfig, out: str | Path | None = None,
                                      f"--backend gplearn (pure Python) instead.")
     X, y, teacher = drift_data(cfg.teacher, cfg.grid)
     run_path = Path(out) if out else RunDir.default_path("symbolic", teacher.name)
-    if (run_path / "config.json").exists():
-        raise ValueError(f"{run_path} already holds a run (config.json); choose another --out "
-                         f"so that its results are not overwritten")
+    refuse_other_run(run_path)
     run = RunDir(run_path, append=False)
     run.write_config({**asdict(cfg), "grid_points": len(y)})
     t0 = time.time()
