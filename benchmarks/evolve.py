@@ -3,7 +3,7 @@
 Runs a few generations of ``metarl meta-train lpo`` at population 64 for each strategy and
 splits each generation's wall time (from one generation's metrics line to the next) into
 the inner loop (training and evaluating agents: every call of
-``metarl.meta.evolve.score``) and everything else (ask, tell, fitness bookkeeping,
+``Family.score``) and everything else (ask, tell, fitness bookkeeping,
 checkpoint, artifacts, JSONL and W&B logging). Target: under 2% outside the inner loop at
 population 64. The one-time set-up and wrap-up of the run (configuration checks, W&B
 start-up, final artifacts) is reported separately, as the share of the whole call.
@@ -21,13 +21,14 @@ import json
 import tempfile
 import time
 
+from metarl.families.base import Family
 from metarl.meta import evolve
 
 
 def measure(strategy: str, args) -> dict:
     inner = {"t": 0.0}
     calls = []  # (start, end) of every inner-loop call, wall clock
-    original = evolve.score
+    original = Family.score
 
     def timed(*a, **kw):
         t0 = time.perf_counter()
@@ -42,7 +43,7 @@ def measure(strategy: str, args) -> dict:
         strategy=strategy, generations=args.generations, popsize=args.popsize,
         eval_every=args.generations, eval_seeds=8, wandb=args.wandb,
         inner=dict(total_timesteps=args.total_timesteps, backend=args.backend))
-    evolve.score = timed
+    Family.score = timed
     try:
         with tempfile.TemporaryDirectory() as out:
             t0 = time.perf_counter()
@@ -51,7 +52,7 @@ def measure(strategy: str, args) -> dict:
             stamps = [json.loads(line)["time"]
                       for line in open(f"{out}/metrics.jsonl").read().splitlines()]
     finally:
-        evolve.score = original
+        Family.score = original
     # Steady state: from one generation's log line to the next there is the previous
     # generation's checkpoint, then this generation's ask, inner loop, tell and logging.
     gen_wall = gen_inner = 0.0

@@ -9,6 +9,12 @@ compared with every P.
 
     python benchmarks/inner_loop.py                       # P = 1, 8, 64, envpool backend
     python benchmarks/inner_loop.py --backend torch --ablate
+    python benchmarks/inner_loop.py --sizes 64 --optimisers  # + the optimiser slot at P=64
+
+With ``--optimisers``, each optimiser-family member (adam, sgd, and the learned open-ff,
+open, no-features at their seeded initialisation) fills the optimiser slot at the largest
+P, and its throughput is printed next to the drift loop's (ppo-clip with Adam) at the
+same P, as a ratio.
 
 Ends with one JSON line of the headline figures.
 """
@@ -25,9 +31,9 @@ from metarl.configs import config_for
 from metarl.inner import train
 
 
-def rate(cfg, seeds, **kw):
+def rate(cfg, seeds, algorithm="ppo-clip", meta_params=None, **kw):
     t0 = time.perf_counter()
-    res = train(cfg, "ppo-clip", seeds=seeds, **kw)
+    res = train(cfg, algorithm, meta_params, seeds=seeds, **kw)
     wall = time.perf_counter() - t0
     return res.env_steps / wall, res
 
@@ -39,6 +45,9 @@ def main():
     ap.add_argument("--alone", type=int, default=4, help="members trained one at a time")
     ap.add_argument("--backend", default="envpool", help="environment backend")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--optimisers", action="store_true",
+                    help="also measure every optimiser-family member in the optimiser slot "
+                         "at the largest P")
     ap.add_argument("--ablate", action="store_true",
                     help="also measure P=64 with vmap(functional_call) instead of the fused "
                          "forward, and with the other environment backend")
@@ -69,6 +78,22 @@ def main():
         headline[f"P{p}_steps_per_s"] = round(r)
         headline[f"P{p}_ratio"] = round(r / alone, 2)
         headline[f"P{p}_rollout_share"] = round(share, 3)
+
+    if args.optimisers:
+        from metarl.families import get_family
+
+        optim = get_family("optim")
+        p = max(int(s) for s in args.sizes.split(","))
+        drift_rate = headline[f"P{p}_steps_per_s"]
+        for name in optim.members:
+            meta = optim.initial_params(name, 0) if optim.is_learned(name) else None
+            r, res = rate(cfg, list(range(p)), name, meta)
+            t = res.timings
+            print(f"P={p:>3} optimiser slot {name:>12}: {r:>10,.0f} agent-steps/s   "
+                  f"{r / drift_rate:5.2f}x the drift loop (ppo-clip + Adam)   "
+                  f"(update {t['update'] / (t['rollout'] + t['update']):.0%} of loop time)")
+            headline[f"P{p}_optim_{name}_steps_per_s"] = round(r)
+            headline[f"P{p}_optim_{name}_ratio_to_drift"] = round(r / drift_rate, 3)
 
     if args.ablate:
         p = 64

@@ -3,7 +3,7 @@
 Trains PPO on CartPole-v1 (the paper's configuration, ``--total-timesteps`` each, 8 seeds as
 one population) twice: with PPO's clip as a metarl member in this process (the baseline),
 and with the same clip written as proposal source and run through
-:class:`~metarl.meta.sandbox.SandboxedDrift` (one request to a sandboxed child per
+:class:`~metarl.families.drift.proposal.SandboxedDrift` (one request to a sandboxed child per
 minibatch). Also times starting a sandbox (a fork of the fork server) and one call.
 
     python benchmarks/sandbox.py
@@ -21,9 +21,8 @@ import time
 import torch
 
 from metarl.configs import config_for
+from metarl.families.drift.proposal import PROPOSAL, DriftSandbox, SandboxedDrift
 from metarl.inner.ppo import train
-from metarl.meta.propose import LPO_FAMILY
-from metarl.meta.sandbox import DriftSandbox, SandboxedDrift
 
 
 def main(argv=None) -> dict:
@@ -34,11 +33,11 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     cfg = config_for("CartPole-v1", total_timesteps=args.total_timesteps)
     seeds = list(range(args.seeds))
-    code = LPO_FAMILY.warm_start_code
+    code = PROPOSAL.warm_start_code
 
     # Warm-up: the fork server's one-time start (it imports torch) and the first train.
     with DriftSandbox(code) as box:
-        box.call(torch.ones(4), torch.ones(4), 0.2)
+        box.drift(torch.ones(4), torch.ones(4), 0.2)
     train(cfg, "ppo-clip", None, seeds)
 
     t0 = time.perf_counter()
@@ -51,10 +50,10 @@ def main(argv=None) -> dict:
     r, a = torch.rand(n) + 0.5, torch.randn(n)
     with DriftSandbox(code) as box:
         for _ in range(20):
-            box.call(r, a, 0.2)
+            box.drift(r, a, 0.2)
         t0 = time.perf_counter()
         for _ in range(200):
-            box.call(r, a, 0.2)
+            box.drift(r, a, 0.2)
         call_s = (time.perf_counter() - t0) / 200
 
     base, boxed = [], []

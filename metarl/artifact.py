@@ -2,11 +2,13 @@
 
 Every meta-learning method writes one, every evaluation reads one. An artifact holds
 
-- ``family``: the slot it fills (``drift`` today; ``optim`` and ``lpg`` later),
+- ``family``: the slot it fills (``drift``: PPO's objective; ``optim``: the agent
+  optimiser; see :mod:`metarl.families`),
 - ``representation``: how the algorithm is written down. ``{"kind": "network", "member":
-  "lpo", "params": Tensor[n], ...}`` for a network; ``{"kind": "handcrafted", "member":
+  "lpo", "params": Tensor[n], ...}`` for a network (``open``, ``open-ff``, ``no-features``
+  for the optimisers); ``{"kind": "handcrafted", "member":
   "ppo-clip"}`` for a handcrafted member, ``{"kind": "symbolic", "member": "symbolic",
-  "tree": [...], "inputs": [...]}`` for a formula (:mod:`metarl.algorithms.expression`;
+  "tree": [...], "inputs": [...]}`` for a formula (:mod:`metarl.expression`;
   a tree of allowed operators, never evaluated text), ``{"kind": "code", "member": "code",
   "source": "...", "function": "drift"}`` for Python source proposed by a model (untrusted:
   :meth:`Artifact.build` runs it only in a sandboxed child process),
@@ -14,8 +16,12 @@ Every meta-learning method writes one, every evaluation reads one. An artifact h
   steps and wall time spent finding it, seed, metarl version, creation time.
 
 Files are ``torch.save`` dictionaries read back with ``weights_only=True`` (no code runs on
-load). Handcrafted members are addressable by name (``ppo-clip``, ``dpo``, ``lpo``)
-wherever an artifact is accepted.
+load). Every member of every family is addressable by name (``ppo-clip``, ``dpo``,
+``lpo``, ``adam``, ``sgd``, ``open``, ``open-ff``, ``no-features``) wherever an artifact is
+accepted; a learned member by name has its family's initial meta-parameters (zeros for
+LPO, which is PPO; the seed-0 default initialisation for the optimisers). Each family
+turns a representation into its member (:attr:`metarl.families.base.Family.builders`), so
+this module knows no family by name.
 """
 
 from __future__ import annotations
@@ -29,11 +35,11 @@ from pathlib import Path
 import torch
 
 from metarl import __version__
-from metarl.algorithms.drift import DRIFTS, LPO, SYMBOLIC_INPUTS, Drift, SymbolicDrift, make_drift
+from metarl.families import all_members, get_family
+from metarl.families.base import Member
 
 FORMAT = "metarl-artifact"
 FORMAT_VERSION = 1
-HANDCRAFTED = {"ppo-clip": "drift", "dpo": "drift", "lpo": "drift"}
 KINDS = ("network", "handcrafted", "symbolic", "code")
 
 
@@ -48,30 +54,20 @@ class Artifact:
     def kind(self) -> str:
         return self.representation["kind"]
 
-    def build(self) -> tuple[Drift, torch.Tensor]:
-        """The family member and its meta-parameters ``[n]``, ready for the inner loop."""
-        if self.family != "drift":
-            raise ValueError(f"artifact family {self.family!r} is not supported by this "
-                             f"version of metarl (supported: drift)")
-        if self.kind == "symbolic":
-            member = SymbolicDrift(self.representation["tree"])
-            return member, member.flat_params()
-        if self.kind == "code":
-            # Untrusted source: it runs only in a sandboxed child; the caller closes it
-            # (member.close()) when done, or it is closed when garbage-collected. An
-            # evaluation can train for long: a week of wall time, a day of child CPU.
-            from metarl.meta.sandbox import DriftSandbox, SandboxedDrift, SandboxLimits
+    def build(self) -> tuple[Member, torch.Tensor]:
+        """The family member and its meta-parameters ``[n]``, ready for the inner loop.
 
-            limits = SandboxLimits(wall_s=7 * 86400.0, cpu_s=86400)
-            box = DriftSandbox(self.representation["source"], limits).start()
-            member = SandboxedDrift(box)
-            return member, member.flat_params()
-        if self.kind == "network" and self.representation["member"] == "lpo":
-            member = LPO(hidden=int(self.representation.get("hidden", 128)))
-        else:
-            member = make_drift(self.representation["member"])
+        A ``code`` artifact's member runs its source in a sandboxed child process; close
+        it (``member.close()``) when done, or it is closed when garbage-collected."""
+        family = get_family(self.family)
+        builder = family.builders.get(self.kind)
+        if builder is None:
+            raise ValueError(f"artifact {self.name!r}: the {family.name} family has no "
+                             f"{self.kind} representation (it has "
+                             f"{', '.join(family.builders)})")
+        member = builder(self.representation)
         if self.kind == "handcrafted":
-            return member, member.flat_params()
+            return member, family.initial_params(self.representation["member"], 0)
         if self.kind == "network":
             params = torch.as_tensor(self.representation["params"], dtype=torch.float32)
             if params.shape != (member.num_meta_params,):
@@ -80,12 +76,15 @@ class Artifact:
                     f"{member.num_meta_params} parameters, the file has {tuple(params.shape)}"
                 )
             return member, params
-        raise ValueError(f"artifact {self.name!r}: unknown representation {self.kind!r}")
+        return member, member.flat_params()
 
     def describe(self) -> str:
         rep = self.representation
         lines = [f"artifact: {self.name}", f"family: {self.family}",
                  f"representation: {rep['kind']} ({rep.get('member', '')})"]
+        if rep["kind"] == "handcrafted" and get_family(self.family).is_learned(rep["member"]):
+            lines.append(f"(a learned member by name: its family's initial meta-parameters, "
+                         f"{get_family(self.family).init_doc})")
         if rep["kind"] == "network":
             p = torch.as_tensor(rep["params"])
             if "hidden" in rep:
@@ -93,9 +92,9 @@ class Artifact:
             lines.append(f"parameters: {p.numel()} (norm {float(p.norm()):.4g}, "
                          f"max |w| {float(p.abs().max()) if p.numel() else 0:.4g})")
         if rep["kind"] == "symbolic":
-            from metarl.algorithms.expression import size
+            from metarl.expression import size
 
-            member = SymbolicDrift(rep["tree"])
+            member = get_family(self.family).builders["symbolic"](rep)
             lines += [f"size: {size(rep['tree'])} nodes", f"formula: {member.formula()}",
                       "python source:", *("    " + ln for ln in member.source().splitlines())]
         if rep["kind"] == "code":
@@ -120,28 +119,40 @@ def _provenance(provenance: dict) -> dict:
 
 def network_artifact(member: str, params: torch.Tensor, provenance: dict,
                      name: str = "", hidden: int | None = None) -> Artifact:
+    """A learned network (``lpo``, ``open``, ``open-ff``, ``no-features``): its family is
+    the member's."""
+    family = all_members().get(member)
+    if family is None:
+        raise ValueError(f"unknown member {member!r} for a network artifact; known: "
+                         f"{', '.join(all_members())}")
     rep = {"kind": "network", "member": member,
            "params": params.detach().cpu().float().clone()}
     if hidden is not None:
         rep["hidden"] = int(hidden)
-    return Artifact("drift", rep, _provenance(provenance), name or member)
+    return Artifact(family.name, rep, _provenance(provenance), name or member)
 
 
-def symbolic_artifact(tree, provenance: dict, name: str = "symbolic") -> Artifact:
-    """A drift written as a formula over ``SYMBOLIC_INPUTS`` (checked before it is kept)."""
-    from metarl.algorithms.expression import check_tree
+def symbolic_artifact(tree, provenance: dict, name: str = "symbolic",
+                      family: str = "drift", inputs=None) -> Artifact:
+    """An algorithm written as a formula over the family's symbolic inputs (checked, by
+    building its member, before it is kept)."""
+    rep = {"kind": "symbolic", "member": "symbolic", "tree": tree}
+    if inputs is not None:
+        rep["inputs"] = list(inputs)
+    fam = get_family(family)
+    member = fam.builders["symbolic"](rep)
+    rep["inputs"] = list(getattr(member, "inputs", inputs) or [])
+    return Artifact(fam.name, rep, _provenance(provenance), name)
 
-    check_tree(tree, SYMBOLIC_INPUTS)
-    return Artifact("drift", {"kind": "symbolic", "member": "symbolic", "tree": tree,
-                              "inputs": list(SYMBOLIC_INPUTS)}, _provenance(provenance), name)
 
-
-def code_artifact(source: str, function: str, provenance: dict, name: str = "code") -> Artifact:
-    """A drift written as Python source (an LLM proposal). Loading it runs nothing."""
+def code_artifact(source: str, function: str, provenance: dict, name: str = "code",
+                  family: str = "drift") -> Artifact:
+    """An algorithm written as Python source (an LLM proposal). Loading it runs nothing."""
     if not isinstance(source, str) or not source.strip():
         raise ValueError("a code artifact needs non-empty Python source")
-    return Artifact("drift", {"kind": "code", "member": "code", "source": source,
-                              "function": function}, _provenance(provenance), name)
+    return Artifact(get_family(family).name,
+                    {"kind": "code", "member": "code", "source": source,
+                     "function": function}, _provenance(provenance), name)
 
 
 def save(artifact: Artifact, path: str | os.PathLike) -> Path:
@@ -160,15 +171,17 @@ def save(artifact: Artifact, path: str | os.PathLike) -> Path:
 def load(path_or_name: str | os.PathLike) -> Artifact:
     """An artifact from a file, or a handcrafted member by name."""
     key = str(path_or_name)
-    if key in HANDCRAFTED and not Path(key).exists():
-        return Artifact(HANDCRAFTED[key], {"kind": "handcrafted", "member": key},
+    names = all_members()
+    if key in names and not Path(key).exists():
+        return Artifact(names[key].name, {"kind": "handcrafted", "member": key},
                         {"method": "handcrafted"}, key)
     path = Path(key)
     if not path.exists():
+        from metarl.families.base import unknown_member_message
+
         raise FileNotFoundError(
-            f"no artifact at {key!r}; give an artifact file (.pt) or a handcrafted name: "
-            f"{', '.join(HANDCRAFTED)}"
-        )
+            f"no artifact at {key!r}; give an artifact file (.pt) or a handcrafted name. "
+            + unknown_member_message(key))
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
@@ -188,22 +201,28 @@ def load(path_or_name: str | os.PathLike) -> Artifact:
     if not isinstance(rep, dict) or rep.get("kind") not in KINDS:
         raise ValueError(f"{key} is a damaged metarl artifact (its representation has no "
                          f"known kind: {', '.join(KINDS)})")
+    try:
+        family = get_family(d["family"])
+    except ValueError as e:
+        raise ValueError(f"{key}: {e} (written by another version of metarl?)") from None
+    if rep["kind"] not in family.builders:
+        raise ValueError(f"{key}: the {family.name} family has no {rep['kind']} "
+                         f"representation (it has {', '.join(family.builders)})")
     if rep["kind"] == "symbolic":
-        from metarl.algorithms.expression import ExpressionError, check_tree
+        from metarl.expression import ExpressionError
 
-        if list(rep.get("inputs") or SYMBOLIC_INPUTS) != list(SYMBOLIC_INPUTS):
-            raise ValueError(f"{key}: a symbolic drift's inputs must be "
-                             f"{list(SYMBOLIC_INPUTS)}, the file has {rep.get('inputs')}")
         try:
-            check_tree(rep.get("tree"), SYMBOLIC_INPUTS)
+            family.builders["symbolic"](rep)  # checks the inputs and the tree
         except ExpressionError as e:
             raise ValueError(f"{key} is a damaged symbolic artifact: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
     elif rep["kind"] == "code":
         if not isinstance(rep.get("source"), str) or not rep["source"].strip():
             raise ValueError(f"{key} is a damaged code artifact (no Python source)")
-    elif rep.get("member") not in DRIFTS:
-        raise ValueError(f"{key}: unknown member {rep.get('member')!r}; known: "
-                         f"{', '.join(DRIFTS)}")
+    elif rep.get("member") not in family.members:
+        raise ValueError(f"{key}: unknown member {rep.get('member')!r} of the {family.name} "
+                         f"family; known: {', '.join(family.members)}")
     if rep["kind"] == "network" and not isinstance(rep.get("params"), torch.Tensor):
         raise ValueError(f"{key} is a damaged metarl artifact (a network without params)")
     return Artifact(d["family"], rep, d.get("provenance", {}), d.get("name") or path.stem)

@@ -46,7 +46,7 @@ def _parse_count(text: str):
 
 
 def _grid_flags(p: argparse.ArgumentParser, d) -> None:
-    """Flags of a :class:`~metarl.meta.families.DriftGrid`, with ``d``'s values as defaults."""
+    """Flags of a :class:`~metarl.families.drift.DriftGrid`, with ``d``'s values as defaults."""
     g = p.add_argument_group("synthetic grid (log r = k * step; A from its range by step)")
     g.add_argument("--log-ratio-range", nargs=2, type=float,
                    default=(d.log_ratio_min, d.log_ratio_max), metavar=("MIN", "MAX"))
@@ -57,25 +57,34 @@ def _grid_flags(p: argparse.ArgumentParser, d) -> None:
 
 
 def _grid(ns):
-    from metarl.meta.families import DriftGrid
+    from metarl.families.drift import DriftGrid
 
     return DriftGrid(ns.log_ratio_range[0], ns.log_ratio_range[1], ns.log_ratio_step,
                      ns.adv_range[0], ns.adv_range[1], ns.adv_step)
 
 
+def _names() -> str:
+    from metarl.families import all_members
+
+    return ", ".join(all_members())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from metarl import __version__
-    from metarl.meta.families import SYMBOLIC_GRID, DriftGrid
+    from metarl.families import learned_names
+    from metarl.families.drift import SYMBOLIC_GRID, DriftGrid
 
     parser = argparse.ArgumentParser(
         prog="metarl", description="Meta-learn reinforcement-learning algorithms.")
     parser.add_argument("--version", action="version", version=f"metarl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train PPO with a drift function on environments x seeds",
+    p = sub.add_parser("train", help="train PPO with an algorithm in its slot (a drift "
+                       "function or an optimiser) on environments x seeds",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--algorithm", default="ppo-clip",
-                   help="drift function: ppo-clip, dpo or lpo (zero weights)")
+                   help=f"a member name ({_names()}) or an artifact file; it fills its "
+                        f"family's slot, the other slot keeps its default (PPO clip, Adam)")
     p.add_argument("--envs", nargs="+", default=["CartPole-v1"], help="environment ids")
     p.add_argument("--seeds", default="8", type=_parse_count,
                    help="number of seeds (8 -> 0..7) or a comma-separated list (0,3,7)")
@@ -85,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("meta-train", help="meta-learn an algorithm with an evolution strategy",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("algorithm", help="the learned algorithm to meta-train: lpo")
+    p.add_argument("algorithm", help="the learned algorithm to meta-train: "
+                   + ", ".join(learned_names()))
     p.add_argument("--es", dest="strategy", default="openai-es",
                    help="evolution strategy: openai-es or cma-es")
     p.add_argument("--envs", nargs="*", default=["CartPole-v1"],
@@ -104,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "off"],
                    help="Weights & Biases logging (offline needs no account)")
     p.add_argument("--init", default=None,
-                   help="start the strategy's mean from this artifact (default: zero "
-                        "weights, which is PPO)")
+                   help="start the strategy's mean from this artifact, or 'zeros' (default: "
+                        "the family's start: zero LPO weights, which is PPO; PyTorch's "
+                        "default initialisation, seeded by --seed, for the optimisers)")
     p.add_argument("--same-seed", action="store_true",
                    help="every generation reuses one inner seed (default: a new seed per "
                         "generation, as in the paper)")
@@ -117,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="train algorithms on environments x seeds; compare",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("algorithms", nargs="+",
-                   help="artifact files or handcrafted names (ppo-clip, dpo, lpo)")
+                   help=f"artifact files or member names ({_names()}); each fills its "
+                        f"family's slot, the other slot keeps its default")
     p.add_argument("--envs", nargs="*", default=["CartPole-v1"], help="environment ids")
     p.add_argument("--seeds", default="8", help="number of seeds or a comma-separated list")
     p.add_argument("--meta-train-envs", nargs="*", default=None,
@@ -178,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("propose", help="an LLM proposes algorithm code, scored in a sandbox",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("family", help="the family whose code is proposed: lpo (drift functions)")
+    p.add_argument("family", help="the learned algorithm whose slot the proposed code fills: "
+                   "lpo (drift functions)")
     p.add_argument("--model", default="o3-mini", help="model name the endpoint serves")
     p.add_argument("--base-url", default=None,
                    help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM) or "
@@ -337,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metarl {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a code artifact's proposal failing, or its sandbox
-        from metarl.meta.sandbox import ProposalError, SandboxError
+        from metarl.sandbox import ProposalError, SandboxError
 
         if isinstance(e, ProposalError):
             print(f"metarl {ns.command}: the artifact's code failed: {e}", file=sys.stderr)

@@ -37,24 +37,37 @@ LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 TUNE_SEED_OFFSET = 10_000
 
 
-def tune_lr(config, drift, params, seeds: list[int], factors=LR_FACTORS,
-            progress: bool = False) -> tuple[float, dict]:
+def lr_field(member) -> str | None:
+    """The configuration field of the learning rate the algorithm trains with: that of the
+    optimiser slot (``lr`` for Adam, the default; ``sgd_lr`` for SGD); None for a learned
+    optimiser, whose output is the step."""
+    from metarl.inner.ppo import resolve_slots
+
+    return resolve_slots(member)[2].lr_field
+
+
+def tune_lr(config, member, params, seeds: list[int], factors=LR_FACTORS,
+            progress: bool = False) -> tuple[float | None, dict]:
     """The agent learning rate, from ``factors`` x the environment's, with the highest mean
     final return on tuning seeds (``seeds`` shifted by 10,000, so the seeds that are
     reported were not used to choose it). A rate where any tuning seed failed or diverged
-    is disqualified (its score is None)."""
+    is disqualified (its score is None). An algorithm without a learning rate (a learned
+    optimiser) returns ``(None, {})``."""
+    name = lr_field(member)
+    if name is None or getattr(config, name) is None:
+        return None, {}
     tune_seeds = [s + TUNE_SEED_OFFSET for s in seeds]
     scores = {}
     for f in factors:
-        lr = config.lr * f
-        res = train(dataclasses.replace(config, lr=lr), drift, params, tune_seeds,
+        lr = getattr(config, name) * f
+        res = train(dataclasses.replace(config, **{name: lr}), member, params, tune_seeds,
                     progress=progress)
         # A rate where any seed diverged is disqualified: a lone survivor must not win.
         ok = bool(torch.isfinite(res.final_return).all()) and not bool(res.failed.any())
         scores[lr] = float(res.final_return.mean()) if ok else None  # None: disqualified
     clean = {lr: v for lr, v in scores.items() if v is not None}
     if not clean:
-        return config.lr, scores  # nothing trained cleanly: keep the configured rate
+        return getattr(config, name), scores  # nothing trained cleanly: keep the configured rate
     return max(clean, key=clean.get), scores
 
 
@@ -70,7 +83,8 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
     proposals; the chosen rate is in the table and in ``results.json``.
     """
     if not algorithms:
-        raise ValueError("name at least one algorithm: an artifact file or ppo-clip, dpo, lpo")
+        raise ValueError("name at least one algorithm: an artifact file or a member name "
+                         "(ppo-clip, dpo, lpo, adam, sgd, ...)")
     seeds = parse_seeds(seeds)
     arts = [load(a) for a in algorithms]  # fails early on unreadable artifacts
     names = [a.name for a in arts]
@@ -93,18 +107,21 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
     t0 = time.perf_counter()
     try:
         for art, spec in zip(arts, algorithms):
-            drift, params = art.build()
-            closers.append(getattr(drift, "close", None))  # a code artifact's sandbox
+            member, params = art.build()
+            closers.append(getattr(member, "close", None))  # a code artifact's sandbox
             row = {"algorithm": art.name, "source": spec, "kind": art.kind,
+                   "family": art.family,
                    "method": art.provenance.get("method", ""),
                    "find_env_steps": find_cost(art.provenance, "env_steps"),
                    "find_wall_time": find_cost(art.provenance, "wall_time"), "envs": {}}
             for env_id, c in configs.items():
                 lr_scores = None
+                lr_name = lr_field(member)
                 if tune_lr_factors:
-                    lr, lr_scores = tune_lr(c, drift, params, seeds, tune_lr_factors)
-                    c = dataclasses.replace(c, lr=lr)
-                res = train(c, drift, params, seeds, progress=progress)
+                    lr, lr_scores = tune_lr(c, member, params, seeds, tune_lr_factors)
+                    if lr is not None:
+                        c = dataclasses.replace(c, **{lr_name: lr})
+                res = train(c, member, params, seeds, progress=progress)
                 mean, se = _stats(res.final_return)
                 ref = c.reference_return
                 nmean, nse = ((mean / ref, se / ref) if ref else (None, None))
@@ -112,7 +129,8 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
                                        "stderr": se, "normalized_mean": nmean,
                                        "normalized_stderr": nse,
                                        "in_distribution": env_id in meta_train_envs,
-                                       "failed": int(res.failed.sum()), "lr": c.lr,
+                                       "failed": int(res.failed.sum()),
+                                       "lr": getattr(c, lr_name) if lr_name else None,
                                        "lr_scores": lr_scores}
                 curves[(art.name, env_id)] = (res.timesteps, res.curve)
                 run.log(algorithm=art.name, env=env_id, mean=mean, stderr=se,
@@ -154,7 +172,7 @@ def _cell(e: dict, tuned: bool = False) -> str:
     if e["normalized_mean"] is not None:
         s += f" ({e['normalized_mean']:.2f})"
     if tuned:
-        s += f" [lr {e['lr']:.2g}]"
+        s += f" [lr {e['lr']:.2g}]" if e["lr"] is not None else " [no lr]"
     return s
 
 

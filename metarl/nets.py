@@ -56,12 +56,16 @@ class ActorCritic(nn.Module):
     def forward(self, obs: torch.Tensor):
         return self.actor(obs), self.critic(obs).squeeze(-1)
 
-    def tower(self, name: str, params: dict[str, torch.Tensor], obs: torch.Tensor):
+    def tower(self, name: str, params: dict[str, torch.Tensor], obs: torch.Tensor,
+              taps: dict | None = None):
         """One tower (``actor`` or ``critic``) for a population, as batched matmuls.
 
         ``params`` are ``[P, *shape]``, ``obs`` is ``[P, B, obs_dim]``; the result is the
         same as ``vmap(functional_call(...))`` (a test checks it) at a fraction of its
-        per-call overhead.
+        per-call overhead. With ``taps`` (a dict), every layer's mean absolute output over
+        the batch is stored in it, ``taps["actor.2"] = [P, width]`` (after the activation
+        for hidden layers, the raw output for the last): the per-layer activations the
+        learned optimisers' dormancy feature reads.
         """
         act = torch.tanh if isinstance(self.actor[1], nn.Tanh) else torch.relu
         seq = getattr(self, name)
@@ -72,11 +76,15 @@ class ActorCritic(nn.Module):
             h = batched_linear(h, w, b)
             if j < len(linears) - 1:
                 h = act(h)
+            if taps is not None:
+                taps[f"{name}.{i}"] = h.detach().abs().mean(dim=1)
         return h
 
-    def batched(self, params: dict[str, torch.Tensor], obs: torch.Tensor):
+    def batched(self, params: dict[str, torch.Tensor], obs: torch.Tensor,
+                taps: dict | None = None):
         """``forward`` for a population: ``(policy_out [P, B, A], value [P, B])``."""
-        return self.tower("actor", params, obs), self.tower("critic", params, obs).squeeze(-1)
+        return (self.tower("actor", params, obs, taps),
+                self.tower("critic", params, obs, taps).squeeze(-1))
 
     def init_gains(self) -> dict[str, float]:
         """Orthogonal-init gains (the CleanRL / purejaxrl choice): sqrt(2) for hidden
@@ -154,15 +162,19 @@ def init_population(module: ActorCritic, keys: torch.Tensor) -> torch.Tensor:
 
 
 def population_forward(module: nn.Module, layout: FlatParams, flat: torch.Tensor,
-                       *inputs: torch.Tensor, fused: bool = True):
+                       *inputs: torch.Tensor, fused: bool = True, taps: dict | None = None):
     """Run ``module`` for every member: ``flat [P, D]``, inputs ``[P, B, ...]``.
 
     With ``fused`` and a module that has a ``batched`` method, that hand-batched forward is
-    used; otherwise ``torch.func.functional_call`` under ``torch.func.vmap``.
+    used; otherwise ``torch.func.functional_call`` under ``torch.func.vmap``. ``taps``
+    (per-layer activations, see :meth:`ActorCritic.tower`) needs the fused forward.
     """
     params = layout.unflatten(flat)
     if fused and hasattr(module, "batched"):
-        return module.batched(params, *inputs)
+        return module.batched(params, *inputs, **({"taps": taps} if taps is not None else {}))
+    if taps is not None:
+        raise ValueError("per-layer activations (learned optimisers' dormancy) need the "
+                         "fused forward; drop --no-fused")
     return vmap_forward(module, params, *inputs)
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from metarl import __version__
-from metarl.algorithms.drift import make_drift
+from metarl.artifact import load
 from metarl.inner.ppo import TrainResult, prepare_configs, train
 from metarl.logging import RunDir
 
@@ -38,7 +38,9 @@ def parse_seeds(seeds) -> list[int]:
 
 
 def format_table(env_id: str, result: TrainResult) -> str:
-    lines = [f"{env_id}  ({result.drift}, {result.config.total_timesteps:,} steps per seed)",
+    slots = f"drift {result.drift}, optimiser {result.optimizer}"
+    lines = [f"{env_id}  ({result.algorithm}: {slots}; "
+             f"{result.config.total_timesteps:,} steps per seed)",
              "| seed | final return |", "|---:|---:|"]
     for s, r in zip(result.seeds, result.final_return.tolist()):
         lines.append(f"| {s} | {r:.2f} |" if math.isfinite(r) else f"| {s} | failed |")
@@ -57,20 +59,24 @@ def run_train(
 ) -> dict:
     """Train ``algorithm`` on each of ``envs`` for every seed; write the run directory.
 
+    ``algorithm`` is any family's member name (``ppo-clip``, ``dpo``, ``lpo``, ``adam``,
+    ``sgd``, ``open``, ``open-ff``, ``no-features``) or an artifact file; it fills its
+    family's slot and the other slot keeps its default (PPO clip, Adam).
     ``overrides`` are :class:`metarl.configs.PPOConfig` fields (``total_timesteps=...``).
     Returns the headline results (also written to ``results.json``).
     """
-    drift = make_drift(algorithm)
+    art = load(algorithm)
     seeds = parse_seeds(seeds)
     configs = prepare_configs(envs, **overrides)  # every check before any work starts
-    run = RunDir(out or RunDir.default_path("train", algorithm), append=False)
+    run = RunDir(out or RunDir.default_path("train", art.name), append=False)
     run.write_config({
         "command": "train", "algorithm": algorithm, "seeds": seeds, "version": __version__,
         "envs": {e: c.to_dict() for e, c in configs.items()},
     })
-    results = {"algorithm": algorithm, "seeds": seeds, "envs": {}}
+    results = {"algorithm": algorithm, "family": art.family, "seeds": seeds, "envs": {}}
     tables = []
     t0 = time.perf_counter()
+    member, params = art.build()
     try:
         for env_id, cfg in configs.items():
             def log(stats, env_id=env_id):
@@ -78,7 +84,7 @@ def run_train(
                         mean_return=float(stats["returns"].nanmean()),
                         returns=stats["returns"], loss=stats["loss"])
 
-            result = train(cfg, drift, seeds=seeds, progress=progress, callback=log)
+            result = train(cfg, member, params, seeds=seeds, progress=progress, callback=log)
             table = format_table(env_id, result)
             tables.append(table)
             echo(table + "\n")
@@ -100,6 +106,8 @@ def run_train(
         )
     finally:
         run.close()
+        if hasattr(member, "close"):
+            member.close()  # a code artifact's sandbox
     echo(f"run directory: {run.path}")
     results["out"] = str(run.path)
     return results

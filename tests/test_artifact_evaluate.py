@@ -95,6 +95,29 @@ def test_evaluate_table_in_and_out_of_distribution(tmp_path):
     assert res["algorithms"][1]["envs"]["CartPole-v1"]["mean"] > 0
 
 
+def test_one_table_for_both_families(tmp_path):
+    """An optimiser artifact, adam, sgd and ppo-clip in one evaluation: each fills its own
+    family's slot, and --tune-lr tunes the optimiser slot's rate (none for a learned one)."""
+    from metarl.families import get_family
+
+    params = get_family("optim").initial_params("open-ff", 0)
+    save(network_artifact("open-ff", params, {"method": "evolve",
+                                              "meta_train_envs": ["CartPole-v1"]}),
+         tmp_path / "opt.pt")
+    res = evaluate([str(tmp_path / "opt.pt"), "adam", "sgd", "ppo-clip"], ["CartPole-v1"],
+                   seeds=2, out=tmp_path / "eval", progress=False, echo=lambda *a: None,
+                   tune_lr_factors=(0.5, 2.0), **TINY)
+    rows = {r["algorithm"]: r for r in res["algorithms"]}
+    assert [rows[n]["family"] for n in ("open-ff", "adam", "sgd", "ppo-clip")] == [
+        "optim", "optim", "optim", "drift"]
+    cart = {n: r["envs"]["CartPole-v1"] for n, r in rows.items()}
+    assert cart["open-ff"]["lr"] is None and cart["open-ff"]["lr_scores"] == {}
+    assert set(cart["sgd"]["lr_scores"]) == {2.5e-4 * 0.5, 2.5e-4 * 2.0}
+    assert set(cart["adam"]["lr_scores"]) == {1e-3 * 0.5, 1e-3 * 2.0}
+    assert cart["open-ff"]["in_distribution"]
+    assert "[no lr]" in (tmp_path / "eval" / "table.md").read_text()
+
+
 def test_evaluate_bad_input(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     assert main(["evaluate", str(tmp_path / "junk.pt"), "--envs", "CartPole-v1"]) == 2

@@ -40,7 +40,8 @@ def test_flags_override_config(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--envs", "CartPol-v1"], "Closest known ids: CartPole-v1"),
-    (["--algorithm", "clip"], "choose one of ppo-clip, dpo, lpo"),
+    (["--algorithm", "clip"], "known: drift: ppo-clip, dpo, lpo; optim: adam, sgd"),
+    (["--algorithm", "open-fff"], "Did you mean 'open-ff'?"),
     (["--total-timesteps", "0"], "total_timesteps must be a positive integer"),
     (["--total-timesteps", "-100"], "total_timesteps must be a positive integer"),
     (["--normalize-obs"], "continuous-control option"),
@@ -55,6 +56,17 @@ def test_bad_input_fails_with_a_message(tmp_path, capsys, args, message):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_train_fills_the_optimiser_slot_by_name(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--algorithm", "sgd", "--seeds", "2", "--sgd-lr", "0.01",
+                 "--out", str(out), *TINY]) == 0
+    assert "sgd: drift ppo-clip, optimiser sgd" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    config = json.loads((out / "config.json").read_text())["envs"]["CartPole-v1"]
+    assert results["family"] == "optim" and config["sgd_lr"] == 0.01
+    assert config["separate_grad_clip"] is None  # resolved per family inside the loop
 
 
 def test_envs_lists_ids(capsys):

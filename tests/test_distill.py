@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,11 +11,11 @@ import time
 import pytest
 import torch
 
-from metarl.algorithms.drift import LPO
-from metarl.artifact import load, network_artifact, save
+from metarl.artifact import Artifact, load, network_artifact, save
 from metarl.cli import main
+from metarl.families import get_family
+from metarl.families.drift import LPO, DriftGrid, drift_and_grad, teacher_module
 from metarl.meta.distill import DistillConfig, distill
-from metarl.meta.families import DriftGrid, drift_and_grad, teacher_module
 
 GRID = DriftGrid(log_ratio_step=1 / 32, adv_step=1 / 16)  # 128 x 256 = 32,768 points
 
@@ -102,6 +103,25 @@ def test_handcrafted_teacher_is_explained(name, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "handcrafted member, not a network" in err and "metarl symbolic" in err
     assert not (tmp_path / "x").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("name", ["adam", "open-ff artifact"])
+def test_optimiser_teacher_is_refused_by_its_family(name, tmp_path, capsys):
+    """The optimiser family has no distillation yet: its own reason, before any work."""
+    teacher = name
+    if name == "open-ff artifact":
+        teacher = str(save(Artifact("optim", {"kind": "network", "member": "open-ff",
+                                              "params": torch.zeros(707)}, {}, "x"),
+                           tmp_path / "open-ff.pt"))
+    reason = get_family("optim").refusals["distillation"]
+    msg = "distillation is not available for the optim family: " + reason
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        distill(DistillConfig(teacher=teacher, epochs=1, wandb="off"), out=tmp_path / "x",
+                progress=False)
+    assert not (tmp_path / "x").exists()  # refused before any work
+    assert main(["distill", teacher, "--out", str(tmp_path / "y"), "--wandb", "off"]) == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_bad_settings_and_resume_errors(teacher, tmp_path, capsys):

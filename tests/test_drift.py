@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from metarl.algorithms.drift import DPO, LPO, Drift, PPOClip, lpo_features, make_drift
+from metarl.families.drift import DPO, LPO, Drift, PPOClip, lpo_features, make_drift
 
 
 def grid():

@@ -63,21 +63,30 @@ def test_run_directory_and_artifacts(tmp_path):
     assert prov["metarl_version"] and prov["seed"] == 0
 
 
-def run_cli(out, *extra):
-    return [sys.executable, "-m", "metarl.cli", "meta-train", "lpo", "--generations", "5",
+GENERATIONS = 8
+
+
+def run_cli(out, *extra, algorithm="lpo"):
+    return [sys.executable, "-m", "metarl.cli", "meta-train", algorithm, "--generations",
+            str(GENERATIONS),
             "--popsize", "4", "--eval-every", "2", "--eval-seeds", "2", "--out", str(out),
             *TINY_FLAGS, *extra]
 
 
-@pytest.mark.parametrize("strategy", ["openai-es", "cma-es"])
-def test_sigkill_mid_generation_then_resume_is_exact(tmp_path, strategy):
+@pytest.mark.parametrize("algorithm, strategy", [
+    ("lpo", "openai-es"), ("lpo", "cma-es"), ("open-ff", "openai-es"), ("open", "cma-es")])
+def test_sigkill_mid_generation_then_resume_is_exact(tmp_path, algorithm, strategy):
+    # A generation must last long enough that the kill lands before the run ends (LPO's
+    # tiny generations take a few milliseconds): LPO trains 8 updates, not 4.
+    budget = ["--total-timesteps", "1024"] if algorithm == "lpo" else []
+    flags = [strategy, *budget]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
-    subprocess.run(run_cli(straight, "--es", strategy), check=True, env=env,
-                   capture_output=True)
+    subprocess.run(run_cli(straight, "--es", *flags, algorithm=algorithm), check=True,
+                   env=env, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(run_cli(killed, "--es", strategy), env=env,
+    proc = subprocess.Popen(run_cli(killed, "--es", *flags, algorithm=algorithm), env=env,
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt = killed / "checkpoint.pt"
@@ -90,10 +99,11 @@ def test_sigkill_mid_generation_then_resume_is_exact(tmp_path, strategy):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert torch.load(ckpt, weights_only=False)["generation"] < 5  # it really stopped early
+    # it really stopped early
+    assert torch.load(ckpt, weights_only=False)["generation"] < GENERATIONS
 
-    subprocess.run(run_cli(killed, "--es", strategy, "--resume"), check=True, env=env,
-                   capture_output=True)
+    subprocess.run(run_cli(killed, "--es", *flags, "--resume", algorithm=algorithm),
+                   check=True, env=env, capture_output=True)
     for name in ("best.pt", "final.pt"):
         a, b = load(straight / name), load(killed / name)
         assert torch.equal(a.representation["params"], b.representation["params"]), name
@@ -104,6 +114,9 @@ def test_sigkill_mid_generation_then_resume_is_exact(tmp_path, strategy):
 @pytest.mark.parametrize("args, message", [
     (["lpo", "--es", "snes"], "unknown evolution strategy 'snes'"),
     (["ppo-clip"], "cannot meta-train 'ppo-clip'"),
+    (["adam"], "handcrafted member of the optim family"),
+    (["opne-ff"], "unknown algorithm 'opne-ff'"),
+    (["open-ff", "--init", "ppo-clip"], "not a open-ff network"),
     (["lpo", "--envs"], "--envs is empty"),
     (["lpo", "--envs", "CartPole-v7"], "unknown environment id 'CartPole-v7'"),
     (["lpo", "--envs", "CartPole-v1", "Pendulum-v1"], "no PPO reference return"),
@@ -132,3 +145,37 @@ def test_resume_without_checkpoint_or_with_other_config(tmp_path, capsys):
                    resume=True, progress=False)
     with pytest.raises(ValueError, match="already holds a run"):
         meta_train(tiny(generations=1, eval_every=1), out=tmp_path / "r", progress=False)
+
+
+def test_init_of_another_family_or_width_is_refused(tmp_path):
+    from metarl.artifact import network_artifact, save
+
+    save(network_artifact("open-ff", torch.zeros(707), {}), tmp_path / "opt.pt")
+    save(network_artifact("lpo", torch.zeros(144), {}, hidden=16), tmp_path / "narrow.pt")
+    with pytest.raises(ValueError, match="network open-ff of the optim family, not a lpo"):
+        meta_train(tiny(init=str(tmp_path / "opt.pt")), out=tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match=r"144 parameters \(width 16\).*default lpo with 1152"):
+        meta_train(tiny(init=str(tmp_path / "narrow.pt")), out=tmp_path / "b",
+                   progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_another_runs_directory_is_not_overwritten(tmp_path):
+    """A directory holding another command's run (or a meta-train killed before its
+    first checkpoint) is refused, and its metrics are kept."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text('{"keep": 1}\n')
+    with pytest.raises(ValueError, match="already holds another run"):
+        meta_train(tiny(), out=tmp_path, progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"keep": 1}\n'
+
+
+def test_zeros_init_and_seeded_default_init():
+    from metarl.meta.evolve import initial_params
+
+    assert torch.equal(initial_params(tiny(algorithm="open-ff", init="zeros")),
+                       torch.zeros(707))
+    a = initial_params(tiny(algorithm="open-ff", seed=3))
+    assert torch.equal(a, initial_params(tiny(algorithm="open-ff", seed=3)))
+    assert not torch.equal(a, initial_params(tiny(algorithm="open-ff", seed=4)))
+    assert torch.equal(initial_params(tiny()), torch.zeros(1152))  # LPO: zeros, i.e. PPO

@@ -302,3 +302,29 @@ def test_evaluate_reports_a_failing_code_artifact(tmp_path, capsys):
                "--out", str(tmp_path / "ev"),
                *[f"--{k.replace('_', '-')}={v}" for k, v in INNER.items()]])
     assert rc == 2 and "the artifact's code failed: [syntax]" in capsys.readouterr().err
+
+
+def test_refuses_a_family_without_proposal_before_any_work(tmp_path, capsys, monkeypatch):
+    from metarl.families import get_family
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    reason = get_family("optim").refusals["proposal"]
+    with ScriptedLLMServer([answer(ZERO, "no_clip")]) as srv:
+        # an optimiser: its family says why (a ValueError, before the endpoint is asked)
+        with pytest.raises(ValueError) as info:
+            propose(ProposeConfig(family="open-ff", base_url=srv.url, generations=1, seeds=2,
+                                  inner=INNER), out=tmp_path / "o", log=lambda *a: None)
+        assert str(info.value) == (f"cannot propose open-ff: proposal is not available for "
+                                   f"the optim family: {reason}")
+        # the command says it and exits 2
+        assert main(["propose", "open-ff", "--base-url", srv.url, "--out",
+                     str(tmp_path / "o")]) == 2
+        assert "not available for the optim family" in capsys.readouterr().err
+        # a handcrafted member of a family that has proposal: name the learned one
+        with pytest.raises(ValueError, match="ppo-clip is a handcrafted member of the drift "
+                                             "family.*lpo"):
+            propose(ProposeConfig(family="ppo-clip", base_url=srv.url, generations=1,
+                                  seeds=2, inner=INNER), out=tmp_path / "o",
+                    log=lambda *a: None)
+        assert srv.requests == []  # no model request, no training, no run directory
+    assert not (tmp_path / "o").exists()

@@ -1,4 +1,6 @@
-"""The drift sandbox: untrusted drift source runs in an isolated child process.
+"""The sandbox (:mod:`metarl.sandbox`), through the drift family's side of it
+(:mod:`metarl.families.drift.proposal`): untrusted drift source runs in an isolated child
+process. The last tests call the generic :class:`~metarl.sandbox.Sandbox` directly.
 
 Every test starts real child processes. The fork server (which imports torch) starts once
 for the whole file; each sandbox after that costs a fork (~20 ms).
@@ -15,15 +17,10 @@ import pytest
 import torch
 
 import metarl.inner.ppo as ppo
-from metarl.algorithms.drift import PPOClip
-from metarl.meta import sandbox as sb
-from metarl.meta.sandbox import (
-    DriftSandbox,
-    ProposalError,
-    SandboxedDrift,
-    SandboxLimits,
-    validate_drift,
-)
+from metarl.families.drift import PPOClip
+from metarl.families.drift.proposal import DriftSandbox, SandboxedDrift, validate_drift
+from metarl.sandbox import ProposalError, Sandbox, SandboxLimits
+from metarl.sandbox import forkserver as sb
 
 ROOT = os.geteuid() == 0
 PPO_CLIP_SOURCE = textwrap.dedent("""\
@@ -51,14 +48,14 @@ def call_error(code: str, limits: SandboxLimits | None = None) -> ProposalError:
     """The ProposalError that the first call of ``code``'s drift raises."""
     with DriftSandbox(code, limits) as box:
         with pytest.raises(ProposalError) as info:
-            box.call(np.ones(4), np.ones(4), 0.2)
+            box.drift(np.ones(4), np.ones(4), 0.2)
     return info.value
 
 
 def validation_error(code: str) -> ProposalError:
     with DriftSandbox(code) as box:
         with pytest.raises(ProposalError) as info:
-            validate_drift(box.call)
+            validate_drift(box.drift)
     return info.value
 
 
@@ -79,12 +76,12 @@ def test_good_drift_equals_ppo_clip_values_and_gradient(ppo_box):
     expected = PPOClip()(r, adv, 0.2)
     (expected_grad,) = torch.autograd.grad(expected.sum(), r)
 
-    drift, grad = ppo_box.call(ratio, adv, 0.2)
+    drift, grad = ppo_box.drift(ratio, adv, 0.2)
     assert drift.shape == grad.shape == (4, 257) and drift.dtype == np.float32
     np.testing.assert_allclose(drift, expected.detach().numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(grad, expected_grad.numpy(), rtol=0, atol=1e-6)
     assert (grad != 0).any() and (drift > 0).any()  # the comparison is not vacuous
-    validate_drift(ppo_box.call)  # passes: raises nothing
+    validate_drift(ppo_box.drift)  # passes: raises nothing
     assert ppo_box.function == "drift"
 
 
@@ -136,7 +133,7 @@ def test_isolation_as_reported_and_as_seen_from_inside():
         iso = box.isolation
         workdir = box.workdir
         with pytest.raises(ProposalError) as info:
-            box.call(np.ones(3), np.ones(3), 0.2)
+            box.drift(np.ones(3), np.ones(3), 0.2)
         assert box.running  # an exception in the proposal leaves the child usable
     msg = info.value.message
     assert info.value.reason == "runtime" and "RuntimeError" in msg
@@ -206,7 +203,7 @@ def test_exception_inside_the_function_has_its_traceback():
     assert e.reason == "runtime"
     assert "ZeroDivisionError" in e.message and 'File "<proposal>", line 5' in e.message
     assert "scale = 1.0 / (clip_eps - clip_eps)" in e.message  # the source line is shown
-    assert "_sandbox_child.py" not in e.message  # the harness's own frames are dropped
+    assert "sandbox/child.py" not in e.message  # the harness's own frames are dropped
 
 
 def test_wrong_shape_is_reported():
@@ -245,10 +242,10 @@ def test_endless_loop_at_top_level_times_out():
 
 def test_wall_time_limit_kills_an_idle_sandbox():
     with DriftSandbox(PPO_CLIP_SOURCE, SandboxLimits(wall_s=2)) as box:
-        box.call(np.ones(2), np.ones(2), 0.2)  # fine while young
+        box.drift(np.ones(2), np.ones(2), 0.2)  # fine while young
         time.sleep(2.3)
         with pytest.raises(ProposalError) as info:
-            box.call(np.ones(2), np.ones(2), 0.2)
+            box.drift(np.ones(2), np.ones(2), 0.2)
     assert info.value.reason == "timeout" and "wall_s=2" in info.value.message
 
 
@@ -431,10 +428,10 @@ def test_output_flood_is_cut_and_bounded():
     code = "def drift(ratio, advantage, clip_eps):\n    while True:\n        print('x' * 99)\n"
     with DriftSandbox(code, SandboxLimits(output_bytes=200_000, call_timeout_s=30)) as box:
         with pytest.raises(ProposalError) as info:
-            box.call(np.ones(2), np.ones(2), 0.2)
+            box.drift(np.ones(2), np.ones(2), 0.2)
         assert 0 < len(box.output) <= 8192
         with pytest.raises(ProposalError, match="no longer running") as again:
-            box.call(np.ones(2), np.ones(2), 0.2)
+            box.drift(np.ones(2), np.ones(2), 0.2)
     assert info.value.reason == again.value.reason == "output"
     assert "output_bytes=200000" in info.value.message
     assert len(info.value.output) <= 8192 and len(info.value.message) <= 2000
@@ -470,10 +467,66 @@ def test_forged_replies_are_refused_and_never_unpickled(tmp_path):
 
 def test_parent_is_fine_after_all_of_this():
     with DriftSandbox(PPO_CLIP_SOURCE) as box:
-        drift, grad = box.call(np.array([0.5, 1.0, 1.5]), np.array([-1.0, 1.0, 1.0]), 0.2)
-        validate_drift(box.call)
+        drift, grad = box.drift(np.array([0.5, 1.0, 1.5]), np.array([-1.0, 1.0, 1.0]), 0.2)
+        validate_drift(box.drift)
     np.testing.assert_allclose(drift, [0.3, 0.0, 0.3], atol=1e-6)
     np.testing.assert_allclose(grad, [-1.0, 0.0, 1.0], atol=1e-6)
     assert not box.running
     with pytest.raises(RuntimeError, match="closed"):
-        box.call(np.ones(1), np.ones(1), 0.2)
+        box.drift(np.ones(1), np.ones(1), 0.2)
+
+
+# -- the generic sandbox: named inputs, constants, several outputs, chosen gradients -------
+
+
+def test_generic_call_with_named_inputs_constants_and_gradients():
+    code = src("""
+        def f(x, k, y, scale):
+            assert isinstance(k, int) and isinstance(scale, float)
+            return x * y * scale + k, x ** 2 * k
+    """)
+    gen = np.random.default_rng(0)
+    x = gen.normal(size=(2, 3)).astype(np.float32)
+    y = gen.normal(size=(2, 3)).astype(np.float32)
+    with Sandbox(code, "f", ("x", "k", "y", "scale")) as box:
+        # inputs and constants by name, in any order; the function gets them positionally
+        res = box.call({"y": y, "x": torch.from_numpy(x)}, {"scale": 0.5, "k": 3},
+                       grad=("y", "x"), outputs=2)
+        assert [o.shape for o in res.outputs] == [(2, 3), (2, 3)]
+        np.testing.assert_allclose(res.outputs[0], x * y * 0.5 + 3, rtol=1e-6)
+        np.testing.assert_allclose(res.outputs[1], x ** 2 * 3, rtol=1e-6)
+        # d sum(outputs) / d input, for the inputs asked
+        np.testing.assert_allclose(res.grads["x"], y * 0.5 + 6 * x, rtol=1e-5)
+        np.testing.assert_allclose(res.grads["y"], x * 0.5, rtol=1e-6)
+        assert box.call({"x": x, "y": y}, {"k": 1, "scale": 1.0}, outputs=2).grads == {}
+        with pytest.raises(ValueError, match="2 outputs"):
+            _ = res.output
+        # one output asked, a tuple returned: a shape error the child survives
+        with pytest.raises(ProposalError) as info:
+            box.call({"x": x, "y": y}, {"k": 1, "scale": 1.0})
+        assert info.value.reason == "shape" and box.running
+        # the parent checks the call against the signature before sending anything
+        with pytest.raises(ValueError, match="each parameter once"):
+            box.call({"x": x}, {"k": 1, "scale": 1.0})
+        with pytest.raises(ValueError, match="grad"):
+            box.call({"x": x, "y": y}, {"k": 1, "scale": 1.0}, grad=("k",), outputs=2)
+        with pytest.raises(ValueError, match="one shape"):
+            box.call({"x": x, "y": y[0]}, {"k": 1, "scale": 1.0}, outputs=2)
+        with pytest.raises(ValueError, match="finite"):
+            box.call({"x": x, "y": y}, {"k": 1, "scale": float("nan")}, outputs=2)
+        assert box.running and box.function == "f"
+
+
+def test_generic_signature_is_the_one_asked_for():
+    e = load_error("def g(a, b):\n    return a\n")  # the drift signature: three parameters
+    assert e.reason == "signature" and "exactly three parameters" in e.message
+    box = Sandbox("def g(a, b, c):\n    return a\n", "g", ("a", "b"))
+    with pytest.raises(ProposalError) as info:
+        box.start()
+    assert info.value.reason == "signature"
+    assert "exactly two parameters (a, b); found g(a, b, c)" in info.value.message
+    with pytest.raises(ValueError, match="params"):
+        Sandbox("def g(a):\n    return a\n", "g", ("a", "a"))
+    with pytest.raises(TypeError, match="DriftSandbox"):
+        with Sandbox("def g(a):\n    return a\n", "g", ("a",)) as other:
+            SandboxedDrift(other)

@@ -2,17 +2,18 @@
 
 import json
 import math
+import re
 
 import pytest
 import sympy as sp
 import torch
 
-from metarl.algorithms.drift import SYMBOLIC_INPUTS, SymbolicDrift, make_drift
-from metarl.algorithms.expression import ExpressionError, check_tree, from_sympy, size, to_sympy
-from metarl.artifact import load, save, symbolic_artifact
+from metarl.artifact import Artifact, load, save, symbolic_artifact
 from metarl.cli import main
+from metarl.expression import ExpressionError, check_tree, from_sympy, size, to_sympy
+from metarl.families import get_family
+from metarl.families.drift import SYMBOLIC_INPUTS, DriftGrid, SymbolicDrift, make_drift
 from metarl.meta import symbolic as S
-from metarl.meta.families import DriftGrid
 
 
 @pytest.mark.parametrize("teacher", ["dpo", "ppo-clip"])
@@ -123,6 +124,24 @@ def test_constraint_at_r1_reject_and_repair():
     cfg_r = S.SymbolicConfig(teacher="ppo-clip", at_one="repair")
     rows_r = S.score_candidates([cheat], data, y, cfg_r)
     assert rows_r[0]["valid"] and rows_r[0]["at_one"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["adam", "open-ff artifact"])
+def test_optimiser_teacher_is_refused_by_its_family(name, tmp_path, capsys):
+    """The optimiser family has no symbolic distillation yet: its reason, before any work."""
+    teacher = name
+    if name == "open-ff artifact":
+        teacher = str(save(Artifact("optim", {"kind": "network", "member": "open-ff",
+                                              "params": torch.zeros(707)}, {}, "x"),
+                           tmp_path / "open-ff.pt"))
+    reason = get_family("optim").refusals["symbolic"]
+    msg = "symbolic is not available for the optim family: " + reason
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        S.symbolic_distill(S.SymbolicConfig(teacher=teacher), out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # refused before any work
+    assert main(["symbolic", teacher, "--out", str(tmp_path / "y")]) == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_pysr_without_julia_fails_at_once(tmp_path, capsys):

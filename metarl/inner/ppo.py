@@ -1,8 +1,13 @@
-"""Population PPO: train P agents at once, each with its own drift function.
+"""Population PPO: train P agents at once, each with its own learned algorithm.
 
-``train(config, drift, meta_params, seeds) -> TrainResult`` is a pure function of its
-inputs. Every tensor carries the population dimension first; the actor-critic runs for the
-whole population at once (a hand-batched ``baddbmm`` forward by default, or
+``train(config, algorithm, meta_params, seeds) -> TrainResult`` is a pure function of its
+inputs. The loop has two slots: the drift function (PPO's policy objective, the drift
+family) and the agent optimiser (the optim family). ``algorithm`` fills its own family's
+slot, one member per row of ``meta_params``; the other slot keeps its family's handcrafted
+default (PPO's clip, Adam with the environment's learning rate).
+
+Every tensor carries the population dimension first; the actor-critic runs for the whole
+population at once (a hand-batched ``baddbmm`` forward by default, or
 ``torch.func.functional_call`` under ``torch.func.vmap`` with ``config.fused=False``; a test
 checks they agree); all ``P x N`` environments step in one call; the optimiser updates the
 flat ``[P, D]`` parameters in one operation. Randomness
@@ -11,7 +16,9 @@ gets the same numbers as the same member trained alone.
 
 The PPO details follow purejaxrl (which LPO, OPEN and the paper's code build on): GAE,
 per-minibatch advantage normalisation, clipped value loss, entropy bonus, global gradient
-clipping, Adam with a linear learning-rate anneal, epochs over shuffled minibatches.
+clipping, Adam with a linear learning-rate anneal, epochs over shuffled minibatches. In the
+optimiser slot, gradients are clipped for actor and critic separately (the setting of the
+learned-optimiser papers) and the optimiser may read per-layer activations (dormancy).
 Transitions from the auto-reset step (every backend follows envpool's next-step reset) are
 masked out of the losses, the advantage normalisation and the episode statistics.
 """
@@ -26,11 +33,13 @@ from dataclasses import dataclass, field
 import torch
 
 from metarl import rng
-from metarl.algorithms.drift import Drift, make_drift
-from metarl.algorithms.optim import Adam, AgentOptimizer, StepContext
 from metarl.configs import PPOConfig
 from metarl.envs import check_env_id, env_seeds, make
 from metarl.envs.spec import EnvSpec
+from metarl.families import get_family, make_member
+from metarl.families.base import Member
+from metarl.families.drift import Drift
+from metarl.families.optim import AgentLayout, OptimMember, StepContext
 from metarl.inner.normalize import ObsNormalizer, RewardNormalizer
 from metarl.nets import (
     ActorCritic,
@@ -61,6 +70,8 @@ class TrainResult:
     - ``failed [P]``: the member's loss or parameters became non-finite.
     - ``agent_params [P, D]``: final agent parameters (flat; see :class:`FlatParams`).
     - ``timings``: seconds spent in rollouts (acting and stepping) and in PPO updates.
+    - ``algorithm``: the trained member's name; ``drift`` and ``optimizer``: the members
+      that filled the two slots.
     """
 
     final_return: torch.Tensor
@@ -74,6 +85,8 @@ class TrainResult:
     env_steps: int
     agent_params: torch.Tensor = field(repr=False)
     timings: dict = field(default_factory=dict)
+    algorithm: str = ""
+    optimizer: str = ""
 
     @property
     def mean(self) -> float:
@@ -141,10 +154,10 @@ def check_options(config: PPOConfig, spec: EnvSpec) -> PPOConfig:
                              for o in options})
 
 
-def resolve_population(drift: Drift, meta_params, seeds) -> tuple[torch.Tensor, list[int]]:
+def resolve_population(member: Member, meta_params, seeds) -> tuple[torch.Tensor, list[int]]:
     """Check and broadcast ``meta_params`` and ``seeds`` to one row per member.
 
-    Accepted: ``meta_params`` None (the drift's own parameters, shared), ``[n]`` (shared by
+    Accepted: ``meta_params`` None (the member's own parameters, shared), ``[n]`` (shared by
     every seed) or ``[P, n]``; ``seeds`` a sequence of P integers, or of one integer shared
     by the P members.
     """
@@ -153,21 +166,21 @@ def resolve_population(drift: Drift, meta_params, seeds) -> tuple[torch.Tensor, 
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty: give at least one seed")
-    n = drift.num_meta_params
+    n = member.num_meta_params
     if meta_params is None:
-        meta_params = drift.flat_params()
+        meta_params = member.flat_params()
     meta_params = torch.as_tensor(meta_params, dtype=torch.float32)
     if meta_params.dim() == 1:
         if meta_params.shape[0] != n:
             raise ValueError(
-                f"meta_params has {meta_params.shape[0]} entries but {drift.name} has {n} "
+                f"meta_params has {meta_params.shape[0]} entries but {member.name} has {n} "
                 f"meta-parameters; pass [{n}] (shared) or [P, {n}] (one row per member)"
             )
         meta_params = meta_params.unsqueeze(0).expand(len(seeds), n)
     elif meta_params.dim() == 2:
         if meta_params.shape[1] != n:
             raise ValueError(
-                f"meta_params has shape {list(meta_params.shape)} but {drift.name} has {n} "
+                f"meta_params has shape {list(meta_params.shape)} but {member.name} has {n} "
                 f"meta-parameters per member; expected [P, {n}]"
             )
         if len(seeds) == 1:
@@ -220,13 +233,26 @@ def _policy(out: torch.Tensor, log_std: torch.Tensor | None, actions: torch.Tens
     return logp, ((ls + 0.5 + _LOG_SQRT_2PI).sum(-1).expand_as(logp) if entropy else None)
 
 
+def resolve_slots(algorithm: Member | str) -> tuple[Member, Drift, OptimMember]:
+    """``(member, drift, optimizer)``: the algorithm and the two slots it leaves filled.
+
+    ``algorithm`` (a member or any family's member name) fills its own family's slot;
+    the other slot gets its family's handcrafted default (PPO clip or Adam)."""
+    member = make_member(algorithm) if isinstance(algorithm, str) else algorithm
+    if isinstance(member, Drift):
+        return member, member, make_member(get_family("optim").default)
+    if isinstance(member, OptimMember):
+        return member, make_member(get_family("drift").default), member
+    raise TypeError(f"algorithm must be a family member (a drift or an optimiser) or its "
+                    f"name, got {type(member).__name__}")
+
+
 def train(
     config: PPOConfig,
-    drift: Drift | str = "ppo-clip",
+    algorithm: Member | str = "ppo-clip",
     meta_params: torch.Tensor | None = None,
     seeds: Sequence[int] | int = (0,),
     *,
-    optimizer: AgentOptimizer | None = None,
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
 ) -> TrainResult:
@@ -234,33 +260,37 @@ def train(
 
     Args:
         config: the inner-loop configuration (:func:`metarl.configs.config_for`).
-        drift: a drift member or its name (``ppo-clip``, ``dpo``, ``lpo``).
-        meta_params: the drift's meta-parameters, ``[n]`` shared or ``[P, n]`` per member;
-            None uses the drift module's own parameters.
+        algorithm: a member of any family or its name: a drift (``ppo-clip``, ``dpo``,
+            ``lpo``) or an optimiser (``adam``, ``sgd``, ``open``, ``open-ff``,
+            ``no-features``). It fills its family's slot; the other slot keeps its
+            handcrafted default (PPO clip, Adam).
+        meta_params: the algorithm's meta-parameters, ``[n]`` shared or ``[P, n]`` per
+            member; None uses the module's own parameters.
         seeds: one seed per member (or one shared seed). A member's seed fixes its network
             initialisation, its environments and its action sampling.
-        optimizer: the agent optimiser (default: Adam from ``config``).
         progress: show a progress bar over updates.
         callback: called after every update with a dict of that update's statistics.
     """
     t_start = time.perf_counter()
     check_config(config)
-    drift = make_drift(drift) if isinstance(drift, str) else drift
-    meta, seeds = resolve_population(drift, meta_params, seeds)
+    member, drift, optimizer = resolve_slots(algorithm)
+    meta, seeds = resolve_population(member, meta_params, seeds)
     P, N = len(seeds), config.num_envs
     device = torch.device(config.device)
+    if config.separate_grad_clip is None:
+        config = config.replace(separate_grad_clip=member is optimizer)
 
     all_seeds = [s for seed in seeds for s in env_seeds(seed, N)]
     env = make(config.env_id, P * N, device=device, backend=config.backend, seeds=all_seeds)
     try:
         config = check_options(config, env.spec)
-        return _train(config, env, drift, meta.to(device), seeds, optimizer, progress,
+        return _train(config, env, member, drift, optimizer, meta.to(device), seeds, progress,
                       callback, t_start)
     finally:
         env.close()
 
 
-def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_start):
+def _train(config, env, member, drift, optimizer, meta, seeds, progress, callback, t_start):
     spec = env.spec
     P, N, T = len(seeds), config.num_envs, config.num_steps
     B, U = config.batch_size, config.num_updates
@@ -275,9 +305,13 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
     layout = FlatParams(model)
     keys = rng.seed_keys(seeds, device=device)
     params = init_population(model, rng.fold(keys, _S_INIT)).requires_grad_(True)
-    opt = optimizer or Adam(config.lr, config.adam_b1, config.adam_b2, config.adam_eps,
-                            config.anneal_lr)
+    none = torch.zeros(P, 0, device=device)
+    drift_meta = meta if member is drift else none
+    agent_layout = AgentLayout.for_actor_critic(model, device)
+    opt = optimizer.population(meta if member is optimizer else none, agent_layout, config,
+                               keys)
     opt_state = opt.init(params.detach())
+    actor_mask = agent_layout.actor_mask
     log_std_slice = None
     if not discrete:
         i = layout.names.index("log_std")
@@ -288,8 +322,8 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
     obs_norm = ObsNormalizer(P, spec.obs_dim, device) if config.normalize_obs else None
     rew_norm = RewardNormalizer(P, N, config.gamma, device) if config.normalize_reward else None
 
-    def forward(flat, obs):
-        return population_forward(model, layout, flat, obs, fused=config.fused)
+    def forward(flat, obs, taps=None):
+        return population_forward(model, layout, flat, obs, fused=config.fused, taps=taps)
 
     def actor(flat, obs):
         return population_tower(model, layout, flat, "actor", obs, fused=config.fused)
@@ -320,7 +354,7 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=U, desc=f"{drift.name} on {spec.env_id} (P={P})", unit="update")
+        bar = tqdm(total=U, desc=f"{member.name} on {spec.env_id} (P={P})", unit="update")
 
     t_rollout = t_update = 0.0
     for update in range(U):
@@ -402,15 +436,17 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
             for mb in range(M):
                 sl = slice(mb * mbs, (mb + 1) * mbs)
                 b_obs, b_act, b_logp, b_val, b_adv, b_ret, b_valid = (x[:, sl] for x in shuffled)
-                loss = _ppo_loss(config, drift, meta, forward, params, log_std_slice,
-                                 b_obs, b_act, b_logp, b_val, b_adv, b_ret, b_valid)
+                taps = {} if opt.needs_activations else None
+                loss = _ppo_loss(config, drift, drift_meta, forward, params, log_std_slice,
+                                 b_obs, b_act, b_logp, b_val, b_adv, b_ret, b_valid, taps)
                 (grads,) = torch.autograd.grad(loss.sum(), params)
                 with torch.no_grad():
-                    norm = grads.norm(dim=1, keepdim=True)
-                    grads = grads * (config.max_grad_norm
-                                     / torch.clamp(norm, min=config.max_grad_norm))
+                    grads = clip_grads(grads, config.max_grad_norm,
+                                       actor_mask if config.separate_grad_clip else None)
+                    if taps is not None and log_std_slice is not None:
+                        taps["log_std"] = torch.exp(params[:, log_std_slice])
                     opt.step(params, grads, opt_state,
-                             StepContext(update, U, epoch, E, mb, M))
+                             StepContext(update, U, epoch, E, mb, M, taps))
                     losses += loss.detach()
         nonfinite |= ~torch.isfinite(losses)
         t_update += time.perf_counter() - t1
@@ -438,16 +474,34 @@ def _train(config, env, drift, meta, seeds, optimizer, progress, callback, t_sta
         config=config,
         drift=drift.name,
         wall_time=time.perf_counter() - t_start,
+        algorithm=member.name,
+        optimizer=optimizer.name,
         env_steps=P * U * B,
         agent_params=params.detach().cpu(),
         timings={"rollout": t_rollout, "update": t_update},
     )
 
 
+def clip_grads(grads: torch.Tensor, max_norm: float,
+               actor_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradients ``[P, D]`` scaled to a global norm of at most ``max_norm`` per member;
+    with ``actor_mask [D]``, the actor's and the critic's entries separately."""
+    if actor_mask is None:
+        norm = grads.norm(dim=1, keepdim=True)
+        return grads * (max_norm / torch.clamp(norm, min=max_norm))
+    a = actor_mask.to(grads.dtype)
+    na = (grads * a).norm(dim=1, keepdim=True)
+    nc = (grads * (1.0 - a)).norm(dim=1, keepdim=True)
+    scale = torch.where(actor_mask, max_norm / torch.clamp(na, min=max_norm),
+                        max_norm / torch.clamp(nc, min=max_norm))
+    return grads * scale
+
+
 def _ppo_loss(config, drift, meta, forward, params, log_std_slice, obs, act, logp_old,
-              val_old, adv, ret, valid):
-    """PPO loss per member ``[P]`` with the drift as the policy objective's regulariser."""
-    out, value = forward(params, obs)
+              val_old, adv, ret, valid, taps=None):
+    """PPO loss per member ``[P]`` with the drift as the policy objective's regulariser.
+    ``taps``, when a dict, receives the per-layer activations of this forward pass."""
+    out, value = forward(params, obs, taps) if taps is not None else forward(params, obs)
     log_std = params[:, log_std_slice] if log_std_slice else None
     logp, entropy = _policy(out, log_std, act)
     w = valid

@@ -1,11 +1,19 @@
 """Black-box distillation: imitate a learned network with another network, no env samples.
 
-``metarl distill ART [--hidden N]`` trains a student of the family's learned architecture
-(LPO at any width) to imitate the teacher on synthetic inputs (:mod:`metarl.meta.families`).
-For LPO the student matches the gradient of the actor loss ``-(r A - drift)`` with respect
-to the ratio ``r`` (mean squared error) on the paper's grid, with Adam and the learning rate
-annealed linearly from 1e-4 to 1e-5 over the run (ALGORITHMS.md, Distillation). A share of
-the grid points (``holdout``, 5%) is kept out of training and reported as ``val_grad_mse``.
+``metarl distill ART [--hidden N]`` trains a student network of the teacher's family to
+imitate the teacher on synthetic inputs. Everything family-specific comes from the teacher
+artifact's family, ``family.method("distillation")`` (for the drift family
+:class:`~metarl.families.drift.distillation.DriftDistillation`): which teachers qualify,
+the synthetic data and its options (``grid``), the target and the loss, the student and
+its initialisation, and the not-imitating reference. A family without distillation is
+refused with its reason before any work.
+
+For the drift family the student is an LPO of any width that matches the gradient of the
+actor loss ``-(r A - drift)`` with respect to the ratio ``r`` (mean squared error) on the
+grid of Lu et al. 2022. The optimiser is Adam with the learning rate annealed linearly from
+1e-4 to 1e-5 over the run, the settings of Goldie et al. 2025 ("How Should We Meta-Learn
+Reinforcement Learning Algorithms?"). A share of the points (``holdout``, 5%) is kept out
+of training and reported as ``val_<loss>`` (``val_grad_mse``).
 
 Training is a Lightning ``LightningModule`` run by a Lightning ``Trainer``: its checkpoint
 (``checkpoints/last.ckpt``, written at every epoch end, atomically) gives ``--resume``; its
@@ -25,31 +33,38 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from metarl import artifact as art_mod
-from metarl.algorithms.drift import LPO
+from metarl.families import get_family
 from metarl.logging import RunDir, keep_metrics, refuse_other_run, write_json_atomic
-from metarl.meta.families import DriftGrid, drift_and_grad, teacher_module
+
+METHOD = "distillation"
 
 
 @dataclass
 class DistillConfig:
     teacher: str
     hidden: int | None = None  # None: the teacher's width (LPO: 128)
-    grid: DriftGrid = field(default_factory=DriftGrid)
+    #: the family's synthetic-data options (drift: a ``DriftGrid``); None: the family's
+    #: default, filled in here when the teacher can be read, else when the run starts
+    grid: Any = None
     epochs: int = 20
     batch_size: int = 4096
     lr_start: float = 1e-4
     lr_end: float = 1e-5
     holdout: float = 0.05
     init_scale: float = 1.0
-    clip_eps: float = 0.2
     seed: int = 0
     wandb: str = "offline"
+
+    def __post_init__(self):
+        if self.grid is None:
+            self.grid = default_data(self.teacher, METHOD)
 
     def differences(self, saved: dict) -> list[str]:
         now = json.loads(json.dumps(asdict(self)))
@@ -58,7 +73,17 @@ class DistillConfig:
                 if saved.get(k) != now[k]]
 
 
+def default_data(teacher: str, method: str):
+    """The default data options of ``method`` for ``teacher``'s family, or None when the
+    teacher cannot be read or its family has no such method (the run then says why)."""
+    try:
+        return get_family(art_mod.load(teacher).family).method(method).default_data()
+    except (ValueError, OSError):
+        return None
+
+
 def check_distill_config(cfg: DistillConfig) -> None:
+    """Refuse bad settings (``ValueError``); the data options are checked by the family."""
     for name in ("hidden", "epochs", "batch_size"):
         if getattr(cfg, name) is not None and int(getattr(cfg, name)) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
@@ -70,41 +95,34 @@ def check_distill_config(cfg: DistillConfig) -> None:
                          f"between 0 and 1 exclusive; got {cfg.holdout}")
     if cfg.wandb not in ("offline", "online", "off"):
         raise ValueError(f"wandb must be offline, online or off, got {cfg.wandb!r}")
-    cfg.grid.check()
 
 
 def load_teacher(name: str):
-    """The teacher artifact and its module with weights loaded; only networks qualify."""
+    """``(artifact, method, teacher)``: the teacher artifact, its family's distillation
+    object and the teacher module with its weights loaded. A family without distillation,
+    or a teacher it does not take (e.g. one without weights), is refused (``ValueError``)."""
     artifact = art_mod.load(name)
-    if artifact.family != "drift":
-        raise ValueError(f"distillation supports the drift family; {name} is "
-                         f"{artifact.family!r}")
-    if artifact.kind != "network":
-        what = {"handcrafted": "a handcrafted member", "symbolic": "a formula"}.get(
-            artifact.kind, f"a {artifact.kind} artifact")
-        raise ValueError(
-            f"{name} is {what}, not a network: there are no weights to imitate. Black-box "
-            f"distillation takes a learned network (e.g. best.pt from `metarl meta-train`); "
-            f"to write a handcrafted member or a network as a formula use "
-            f"`metarl symbolic {name}`")
-    drift, params = artifact.build()
-    return artifact, teacher_module(drift, params)
+    method = get_family(artifact.family).method(METHOD)
+    method.check_teacher(artifact, name)
+    member, params = artifact.build()
+    return artifact, method, method.teacher(member, params)
 
 
 # --------------------------------------------------------------------------- data
 
 
-class GridData(torch.utils.data.Dataset):
-    """Indexed by a tensor of point indices; returns ``(ratio, advantage, target_grad)``."""
+class PointData(torch.utils.data.Dataset):
+    """Synthetic points: tensors with one row per point (the inputs, then the target).
+    Indexed by a tensor of point indices; returns the tuple of those rows."""
 
-    def __init__(self, ratio, adv, grad):
-        self.ratio, self.adv, self.grad = ratio, adv, grad
+    def __init__(self, *tensors: torch.Tensor):
+        self.tensors = tensors
 
     def __len__(self):
-        return self.ratio.numel()
+        return self.tensors[0].shape[0]
 
     def __getitem__(self, idx):
-        return self.ratio[idx], self.adv[idx], self.grad[idx]
+        return tuple(t[idx] for t in self.tensors)
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -129,13 +147,16 @@ class EpochBatches(torch.utils.data.Sampler):
         yield from idx.split(self.batch_size)
 
 
-def make_data(cfg: DistillConfig, teacher):
-    ratio, adv = cfg.grid.tensors()
-    _, grad = drift_and_grad(teacher, ratio, adv, cfg.clip_eps)
+def make_data(cfg: DistillConfig, method, teacher):
+    """``(data, train_idx, val_idx)``: the family's inputs and the teacher's targets on every
+    point, and the held-out split drawn with the seed."""
+    inputs = method.inputs(cfg.grid)
+    target = method.targets(teacher, inputs)
+    n = inputs[0].shape[0]
     g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(ratio.numel(), generator=g)
-    n_val = max(1, int(round(cfg.holdout * ratio.numel())))
-    return GridData(ratio, adv, grad), perm[n_val:].sort().values, perm[:n_val].sort().values
+    perm = torch.randperm(n, generator=g)
+    n_val = max(1, int(round(cfg.holdout * n)))
+    return PointData(*inputs, target), perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
 # --------------------------------------------------------------------------- module
@@ -149,50 +170,35 @@ def _lightning():
     return pl
 
 
-def grad_mse(student, batch, clip_eps: float, create_graph: bool = False) -> torch.Tensor:
-    """MSE between the student's and the teacher's ``d actor_loss / d r``.
-
-    ``actor_loss = -(r A - drift)``, so its gradient is ``drift'(r) - A``; ``batch`` holds
-    the teacher's ``drift'(r)``."""
-    ratio, adv, target = batch
-    ratio = ratio.detach().requires_grad_(True)
-    with torch.enable_grad():
-        actor = -(ratio * adv - student(ratio, adv, clip_eps))
-        (g,) = torch.autograd.grad(actor.sum(), ratio, create_graph=create_graph)
-    return torch.mean((g - (target - adv)) ** 2)
-
-
-def make_module(cfg: DistillConfig, total_steps: int):
+def make_module(cfg: DistillConfig, method, total_steps: int):
     pl = _lightning()
+    loss_name = method.loss_name
 
-    class DriftDistiller(pl.LightningModule):
-        """A student LPO that matches the teacher's actor-loss gradient in the ratio."""
+    class Distiller(pl.LightningModule):
+        """A student of the teacher's family, trained on the family's distillation loss."""
 
         def __init__(self):
             super().__init__()
-            self.student = LPO(hidden=cfg.hidden)
             g = torch.Generator().manual_seed(cfg.seed + 1)
-            with torch.no_grad():  # LPO starts at zero, where its gradients vanish too
-                for lin in (self.student.l1, self.student.l2):
-                    bound = cfg.init_scale / lin.in_features ** 0.5
-                    lin.weight.uniform_(-bound, bound, generator=g)
+            self.student = method.student(cfg.hidden, cfg.init_scale, g)
             self.train_sum = 0.0
             self.train_count = 0
 
-        def grad_mse(self, batch):
-            return grad_mse(self.student, batch, cfg.clip_eps, create_graph=self.training)
+        def loss(self, batch):
+            return method.loss(self.student, batch, create_graph=self.training)
 
         def training_step(self, batch, batch_idx):
-            loss = self.grad_mse(batch)
-            self.train_sum += float(loss.detach()) * batch[0].numel()
-            self.train_count += batch[0].numel()
-            self.log("train_grad_mse", loss, prog_bar=True)
+            loss = self.loss(batch)
+            n = batch[0].shape[0]
+            self.train_sum += float(loss.detach()) * n
+            self.train_count += n
+            self.log(f"train_{loss_name}", loss, prog_bar=True)
             return loss
 
         def validation_step(self, batch, batch_idx):
-            loss = self.grad_mse(batch)
-            self.log("val_grad_mse", loss, prog_bar=True, reduce_fx="mean",
-                     batch_size=batch[0].numel())
+            loss = self.loss(batch)
+            self.log(f"val_{loss_name}", loss, prog_bar=True, reduce_fx="mean",
+                     batch_size=batch[0].shape[0])
             return loss
 
         def configure_optimizers(self):
@@ -203,10 +209,10 @@ def make_module(cfg: DistillConfig, total_steps: int):
                 opt, lambda step: 1.0 + (ratio - 1.0) * min(step, span) / span)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    return DriftDistiller()
+    return Distiller()
 
 
-def _callbacks(cfg, run: RunDir, ckpt_dir: Path, clock):
+def _callbacks(loss_name: str, run: RunDir, ckpt_dir: Path, clock):
     pl = _lightning()
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -231,10 +237,11 @@ def _callbacks(cfg, run: RunDir, ckpt_dir: Path, clock):
             if trainer.sanity_checking:
                 return
             m = trainer.callback_metrics
-            run.log(epoch=trainer.current_epoch, step=trainer.global_step,
-                    train_grad_mse=module.train_sum / max(module.train_count, 1),
-                    val_grad_mse=float(m["val_grad_mse"]),
-                    lr=trainer.optimizers[0].param_groups[0]["lr"], wall_time=clock())
+            run.log(**{"epoch": trainer.current_epoch, "step": trainer.global_step,
+                        f"train_{loss_name}": module.train_sum / max(module.train_count, 1),
+                        f"val_{loss_name}": float(m[f"val_{loss_name}"]),
+                        "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                        "wall_time": clock()})
             run.sync()
             module.train_sum, module.train_count = 0.0, 0
 
@@ -254,9 +261,12 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
             progress: bool = True, log=print) -> dict:
     """Train a student network to imitate ``cfg.teacher``; return the results."""
     check_distill_config(cfg)
-    teacher_art, teacher = load_teacher(cfg.teacher)
+    teacher_art, method, teacher = load_teacher(cfg.teacher)
+    if cfg.grid is None:  # the family's default data
+        cfg = dataclasses.replace(cfg, grid=method.default_data())
+    method.check_data(cfg.grid)
     if cfg.hidden is None:  # the same width as the teacher
-        cfg = dataclasses.replace(cfg, hidden=int(teacher.hidden))
+        cfg = dataclasses.replace(cfg, hidden=method.teacher_width(teacher))
     pl = _lightning()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no start-up banner
     run_path = Path(out) if out else RunDir.default_path("distill", teacher_art.name)
@@ -283,13 +293,13 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
         run.write_config(asdict(cfg))
 
     t0 = time.time()
-    data, train_idx, val_idx = make_data(cfg, teacher)
+    data, train_idx, val_idx = make_data(cfg, method, teacher)
     loader = torch.utils.data.DataLoader(
         data, batch_size=None, sampler=EpochBatches(train_idx, cfg.batch_size, cfg.seed, True))
     val_loader = torch.utils.data.DataLoader(
         data, batch_size=None, sampler=EpochBatches(val_idx, 65536, cfg.seed, False))
     total_steps = len(loader) * cfg.epochs
-    module = make_module(cfg, total_steps)
+    module = make_module(cfg, method, total_steps)
     logger = False
     if cfg.wandb != "off" and importlib.util.find_spec("wandb") is None:
         warnings.warn("wandb is not installed: logging to metrics.jsonl only (pip install "
@@ -303,7 +313,7 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
                              resume="allow", config=json.loads(json.dumps(asdict(cfg))))
     trainer = pl.Trainer(
         max_epochs=cfg.epochs, accelerator="auto", devices=1, logger=logger,
-        callbacks=_callbacks(cfg, run, ckpt_dir, lambda: prior + time.time() - t0),
+        callbacks=_callbacks(method.loss_name, run, ckpt_dir, lambda: prior + time.time() - t0),
         enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, inference_mode=False,
         deterministic=True, log_every_n_steps=max(1, min(50, len(loader))),
@@ -321,47 +331,49 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
     lines = [json.loads(ln) for ln in (run_path / "metrics.jsonl").read_text().splitlines()
              if ln.strip()]
     final = lines[-1] if lines else {}
+    train_key, val_key = f"train_{method.loss_name}", f"val_{method.loss_name}"
+    ref_key = f"{val_key}_of_{method.reference_name}"
     student = module.student
     params = student.flat_params()
-    zero = LPO(hidden=cfg.hidden)  # a zero network is PPO: the score of not imitating
-    zero_mse = _mean_over(val_loader, lambda b: grad_mse(zero, b, cfg.clip_eps))
+    reference = method.reference(cfg.hidden)  # the score of not imitating
+    ref_loss = _mean_over(val_loader, lambda b: method.loss(reference, b))
     prov = {"method": "distill", "teacher": teacher_art.name,
             "teacher_provenance": teacher_art.provenance, "env_steps": 0,
             "meta_train_envs": teacher_art.provenance.get("meta_train_envs", []),
             "wall_time": round(wall, 1), "seed": cfg.seed,
             "settings": {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items()
                          if k != "teacher"},
-            "val_grad_mse": final.get("val_grad_mse")}
+            val_key: final.get(val_key)}
     name = f"{teacher_art.name}-distill-h{cfg.hidden}"
-    path = art_mod.save(art_mod.network_artifact("lpo", params, prov, name=name,
-                                                 hidden=cfg.hidden), run_path / "student.pt")
+    path = art_mod.save(art_mod.network_artifact(method.student_member, params, prov,
+                                                 name=name, hidden=cfg.hidden),
+                        run_path / "student.pt")
     results = {"teacher": teacher_art.name, "hidden": cfg.hidden,
                "student_params": int(params.numel()), "epochs": cfg.epochs,
                "steps": trainer.global_step, "train_points": int(train_idx.numel()),
                "val_points": int(val_idx.numel()),
-               "train_grad_mse": final.get("train_grad_mse"),
-               "val_grad_mse": final.get("val_grad_mse"),
-               "val_grad_mse_of_ppo": zero_mse, "env_steps": 0, "wall_time_s": wall,
+               train_key: final.get(train_key), val_key: final.get(val_key),
+               ref_key: ref_loss, "env_steps": 0, "wall_time_s": wall,
                "artifact": str(path)}
     run.write_results(results)
     run.write_summary(
-        f"# Distillation of {teacher_art.name} into LPO width {cfg.hidden}\n\n"
+        f"# Distillation of {teacher_art.name} into {method.student_label(cfg.hidden)}\n\n"
         f"{cfg.epochs} epochs, {trainer.global_step} steps, {wall:.1f} s, 0 environment "
-        f"steps.\n\n| | grad MSE |\n|---|---:|\n"
-        f"| student, train points | {results['train_grad_mse']:.4g} |\n"
-        f"| student, held-out points | {results['val_grad_mse']:.4g} |\n"
-        f"| PPO (zero network), held-out | {zero_mse:.4g} |\n\nartifact: `{path}`\n")
+        f"steps.\n\n| | {method.loss_label} |\n|---|---:|\n"
+        f"| student, train points | {results[train_key]:.4g} |\n"
+        f"| student, held-out points | {results[val_key]:.4g} |\n"
+        f"| {method.reference_label}, held-out | {ref_loss:.4g} |\n\nartifact: `{path}`\n")
     run.close()
     write_json_atomic(run_path / "teacher.json", {"name": teacher_art.name,
                                                   "provenance": teacher_art.provenance})
-    log(f"student width {cfg.hidden}: held-out grad MSE {results['val_grad_mse']:.4g} "
-        f"(PPO's: {zero_mse:.4g}); artifact {path}")
+    log(f"student width {cfg.hidden}: held-out {method.loss_label} {results[val_key]:.4g} "
+        f"({method.reference_short}'s: {ref_loss:.4g}); artifact {path}")
     return results
 
 
 def _mean_over(loader, fn) -> float:
     total, count = 0.0, 0
     for batch in loader:
-        total += float(fn(batch)) * batch[0].numel()
-        count += batch[0].numel()
+        total += float(fn(batch)) * batch[0].shape[0]
+        count += batch[0].shape[0]
     return total / max(count, 1)

@@ -23,17 +23,13 @@ from pathlib import Path
 import torch
 
 from metarl import __version__, rng
-from metarl.algorithms.drift import DRIFTS, make_drift
 from metarl.artifact import network_artifact, save
 from metarl.configs import ENV_DEFAULTS, PPOConfig
-from metarl.inner.ppo import prepare_configs, train
-from metarl.logging import RunDir, write_json_atomic
+from metarl.families import family_of, learned_names
+from metarl.families.base import FAILED_FITNESS
+from metarl.inner.ppo import prepare_configs
+from metarl.logging import RunDir, refuse_other_run, write_json_atomic
 from metarl.meta.es import STRATEGIES, make_strategy
-
-#: the fitness given to a member whose training produced NaN or failed (the paper's -10000
-#: for invalid LLM proposals; far below any reference-normalised or raw return here)
-FAILED_FITNESS = -10_000.0
-LEARNED_FAMILIES = {"lpo": "drift"}
 
 
 @dataclass
@@ -55,8 +51,9 @@ class EvolveConfig:
     # reuses generation 0's seed, which makes fitness comparable across generations (for
     # tests, and for studying over-fitting to one seed).
     new_seed_each_generation: bool = True
-    # Where the strategy's mean starts: None is the member's own initialisation (zero LPO
-    # weights, that is PPO, as in the paper); or an artifact file to continue from.
+    # Where the strategy's mean starts: None is the family's choice for the member (zero
+    # LPO weights, that is PPO, as in the paper; PyTorch's default initialisation seeded
+    # by ``seed`` for the learned optimisers), "zeros", or an artifact file to continue from.
     init: str | None = None
     wandb: str = "offline"  # offline | online | off
 
@@ -70,12 +67,12 @@ class EvolveConfig:
 
 def check_evolve_config(cfg: EvolveConfig, resume: bool = False) -> dict[str, PPOConfig]:
     """Refuse bad input before any work starts; return the inner config per environment."""
-    if cfg.algorithm not in LEARNED_FAMILIES:
-        hand = [n for n in DRIFTS if n not in LEARNED_FAMILIES]
+    family = family_of(cfg.algorithm)  # an unknown name fails here, with the known ones
+    if not family.is_learned(cfg.algorithm):
         raise ValueError(
-            f"cannot meta-train {cfg.algorithm!r}: learned algorithms are "
-            f"{', '.join(LEARNED_FAMILIES)} ({', '.join(hand)} are handcrafted and have "
-            f"nothing to learn)"
+            f"cannot meta-train {cfg.algorithm!r}: it is a handcrafted member of the "
+            f"{family.name} family and has nothing to learn; learned algorithms are "
+            f"{', '.join(learned_names())}"
         )
     if cfg.strategy not in STRATEGIES:
         make_strategy(cfg.strategy, 1, 2, maximize=True)  # raises the helpful error
@@ -111,17 +108,30 @@ def check_evolve_config(cfg: EvolveConfig, resume: bool = False) -> dict[str, PP
 
 
 def initial_params(cfg: EvolveConfig) -> torch.Tensor:
-    """The strategy's initial mean ``[n]``."""
-    drift = make_drift(cfg.algorithm)
+    """The strategy's initial mean ``[n]``: the family's choice for the member (``init``
+    None), zeros (``"zeros"``) or an artifact's parameters."""
+    family = family_of(cfg.algorithm)
     if cfg.init is None:
-        return drift.flat_params()
+        return family.initial_params(cfg.algorithm, cfg.seed)
+    n = family.make(cfg.algorithm).num_meta_params
+    if cfg.init == "zeros":
+        return torch.zeros(n)
     from metarl.artifact import load
 
     art = load(cfg.init)
-    if art.family != "drift" or art.representation.get("member") != cfg.algorithm:
-        raise ValueError(f"--init {cfg.init}: it holds a {art.representation.get('member')} "
-                         f"({art.family}), not {cfg.algorithm}")
-    return art.build()[1]
+    member = art.representation.get("member")
+    if art.family != family.name or member != cfg.algorithm or art.kind != "network":
+        raise ValueError(f"--init {cfg.init}: it holds a {art.kind} {member} of the "
+                         f"{art.family} family, not a {cfg.algorithm} network")
+    params = torch.as_tensor(art.representation["params"], dtype=torch.float32).reshape(-1)
+    if params.numel() != n:
+        width = art.representation.get("hidden")
+        raise ValueError(
+            f"--init {cfg.init}: it holds a {member} with {params.numel()} parameters"
+            f"{f' (width {width})' if width else ''}, but meta-train evolves the default "
+            f"{cfg.algorithm} with {n}; give an artifact of the default width (distil it "
+            f"back with `metarl distill ART --hidden ...`) or start without --init")
+    return params
 
 
 def strategy_settings(cfg: EvolveConfig) -> dict:
@@ -132,7 +142,7 @@ def strategy_settings(cfg: EvolveConfig) -> dict:
         if cfg.strategy != "openai-es":
             raise ValueError(f"--meta-lr applies to openai-es only, not {cfg.strategy}")
         settings["lr"] = cfg.lr
-    num_dims = make_drift(cfg.algorithm).num_meta_params
+    num_dims = family_of(cfg.algorithm).make(cfg.algorithm).num_meta_params
     make_strategy(cfg.strategy, num_dims, cfg.popsize, maximize=True, seed=cfg.seed, **settings)
     return settings
 
@@ -141,21 +151,6 @@ def generation_seed(seed: int, generation: int) -> int:
     """The inner-loop seed every member of a generation shares."""
     k = rng.fold(rng.seed_keys([seed]), 0x6E, generation)
     return int(k[0]) & 0x7FFFFFFF
-
-
-def score(configs: dict[str, PPOConfig], drift, meta_params, seeds) -> tuple[torch.Tensor, dict]:
-    """Fitness per member: final return, reference-normalised and averaged over several
-    environments. Returns ``(fitness [P], info)`` with NaN for failed members."""
-    per_env, raw, steps = {}, {}, 0
-    for env_id, c in configs.items():
-        res = train(c, drift, meta_params, seeds)
-        steps += res.env_steps
-        raw[env_id] = r = res.final_return.double()
-        if len(configs) > 1:
-            r = r / c.reference_return
-        per_env[env_id] = r
-    fitness = torch.stack(list(per_env.values())).mean(dim=0)
-    return fitness, {"per_env": per_env, "raw": raw, "env_steps": steps}
 
 
 class Checkpoint:
@@ -198,6 +193,8 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
     if not resume and ckpt.exists():
         raise ValueError(f"{run_path} already holds a run; add --resume to continue it or "
                          f"choose another --out")
+    if not resume:
+        refuse_other_run(run_path)  # another command's run, or one killed before generation 0
     payload = ckpt.read() if resume else None
     if payload is not None and cfg.differences(payload["config"]):
         diff = ", ".join(f"{k}: {payload['config'].get(k)!r} -> {getattr(cfg, k)!r}"
@@ -207,9 +204,10 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
             f"configuration ({diff}); rerun with the same flags or choose a new --out"
         )
 
-    drift = make_drift(cfg.algorithm)
+    family = family_of(cfg.algorithm)
+    member = family.make(cfg.algorithm)
     settings = strategy_settings(cfg)
-    strategy = make_strategy(cfg.strategy, drift.num_meta_params, cfg.popsize, maximize=True,
+    strategy = make_strategy(cfg.strategy, member.num_meta_params, cfg.popsize, maximize=True,
                              seed=cfg.seed, **settings)
     metrics_file = run_path / "metrics.jsonl"
     if payload is None:
@@ -249,7 +247,7 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
                 trained[fail_members(gen)] = float("nan")
             t_inner = time.perf_counter()
             seed = generation_seed(cfg.seed, gen if cfg.new_seed_each_generation else 0)
-            fitness, info = score(configs, drift, trained, [seed])
+            fitness, info = family.score(configs, member, trained, [seed])
             t_inner = time.perf_counter() - t_inner
             env_steps += info["env_steps"]
             failed = ~torch.isfinite(fitness)
@@ -268,8 +266,9 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
             if (gen + 1) % cfg.eval_every == 0 or gen + 1 == cfg.generations:
                 mean = strategy.mean(state)
                 t_eval = time.perf_counter()
-                efit, einfo = score(configs, drift,
-                                    mean.unsqueeze(0).expand(len(eval_seeds), -1), eval_seeds)
+                efit, einfo = family.score(configs, member,
+                                           mean.unsqueeze(0).expand(len(eval_seeds), -1),
+                                           eval_seeds)
                 t_inner += time.perf_counter() - t_eval
                 env_steps += einfo["env_steps"]
                 row["env_steps"] = env_steps
@@ -332,7 +331,7 @@ def _provenance(cfg, strategy, env_steps, wall, generation):
             "meta_train_envs": list(cfg.envs), "generation": generation,
             "generations": cfg.generations, "env_steps": int(env_steps),
             "wall_time": round(wall, 3), "seed": cfg.seed, "inner": dict(cfg.inner),
-            "init": cfg.init or "zeros"}
+            "init": cfg.init or f"default: {family_of(cfg.algorithm).init_doc}"}
 
 
 def _save_best(run_path, cfg, strategy, best, env_steps, wall):

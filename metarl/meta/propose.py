@@ -1,25 +1,32 @@
 """LLM proposal: a language model writes new algorithm code, in context of its earlier
-proposals and their fitness (DiscoPOP's loop; ALGORITHMS.md, LLM proposal).
+proposals and their fitness (DiscoPOP's loop, Lu et al. 2024, as Goldie et al. 2025 ran it
+for LPO: one growing chat, one proposal per generation, 30 generations).
 
 ``metarl propose lpo --model o3-mini [--base-url URL] --envs CartPole-v1 --generations 30``
 
-One growing chat. The system prompt is generated from the family (:class:`ProposalFamily`:
-its signature, a docstring describing every input, its constraints and a worked example).
-The first user message shows the warm start (the handcrafted member's source) and its
-measured fitness. Each answer must be a JSON object with ``thought``, ``name`` and ``code``.
-Each generation:
+The algorithm named (``lpo``) says which family's slot the code fills
+(:func:`metarl.families.family_of`); the loop uses only that family's proposal interface,
+``family.method("proposal")`` (for the drift family:
+:data:`metarl.families.drift.proposal.PROPOSAL`). A family without one is refused before
+any work, with the family's reason.
+
+One growing chat. The system prompt is generated from the family's proposal (its signature,
+a docstring describing every input, its constraints and a worked example). The first user
+message shows the warm start (the handcrafted member's source) and its measured fitness.
+Each answer must be a JSON object with ``thought``, ``name`` and ``code``. Each generation:
 
 1. the model is asked (network errors, timeouts, rate limits and 5xx answers are retried
    with exponential backoff and do not cost a generation; when the retries run out the run
    stops with a message, saved, and ``--resume`` continues it);
 2. a malformed answer is fed back as an error and counts as a generation;
-3. the code is loaded in a sandboxed child process (:mod:`metarl.meta.sandbox`), validated
-   (one function of the family's signature; random inputs of the stated shapes; right
-   shape; no NaN; the family's constraints), then the PPO inner loop trains agents on the
-   meta-training environments with the fixed seeds, **in this process**, asking the child
-   only for drift values and gradients. Fitness is computed here from the raw returns:
-   the mean over environments of the mean final return divided by the environment's
-   reference return. A proposal cannot report or alter its own score;
+3. the code is loaded in a sandboxed child process (:mod:`metarl.sandbox`) and validated by
+   the family (``proposal.build``: one function of the family's signature; random inputs of
+   the stated shapes; right shape; no NaN; the family's constraints), then the PPO inner
+   loop trains agents with it in the family's slot on the meta-training environments with
+   the fixed seeds, **in this process**, asking the child only for the function's values
+   and gradients. Fitness is computed here from the raw returns: the mean over
+   environments of the mean final return divided by the environment's reference return. A
+   proposal cannot report or alter its own score;
 4. failures score ``FAILED_FITNESS`` (-10000, the paper's) and the model reads
    ``Code not valid. Error: ...``; successes read ``Fitness: X``.
 
@@ -32,14 +39,18 @@ is never written anywhere.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from metarl import artifact as art_mod
+from metarl.families import FAMILIES, Family, Member, family_of
+from metarl.families.base import FAILED_FITNESS
 from metarl.inner.ppo import prepare_configs, train
 from metarl.logging import (
     RunDir,
@@ -49,86 +60,82 @@ from metarl.logging import (
     write_text_atomic,
 )
 
-FAILED_FITNESS = -10000.0
+if TYPE_CHECKING:
+    from metarl.sandbox import SandboxLimits
+
 
 
 # --------------------------------------------------------------------------- families
 
 
-@dataclass(frozen=True)
-class ProposalFamily:
-    """What the loop needs to know about a family to ask for, check and score its code."""
+class Proposal(Protocol):
+    """What the loop needs from a family to ask for, check and score its code: the value of
+    ``family.method("proposal")`` (e.g. :data:`metarl.families.drift.proposal.PROPOSAL`)."""
 
-    name: str
-    slot: str
-    function: str
-    signature: str
-    docstring: str
-    constraints: str
-    example: dict
-    warm_start_name: str
+    slot: str  # what the function is, in a word ("drift")
+    function: str  # the function's name in the signature ("drift")
+    signature: str  # its ``def`` line, with type annotations
+    docstring: str  # every input and the output, in words
+    constraints: str  # what a valid function satisfies, as a Markdown list
+    example: dict  # a worked answer: {"thought", "name", "code"}
+    warm_start_name: str  # the handcrafted member whose source starts the chat
     warm_start_code: str
 
-    def system_prompt(self) -> str:
-        example = json.dumps(self.example, indent=2)
-        return (
-            f"You are a reinforcement-learning researcher searching for a better {self.slot} "
-            f"function. Each function you write replaces the {self.slot} of an RL algorithm, "
-            f"and agents are trained with it; you are told the fitness of each proposal and "
-            f"use it to write better ones.\n\n"
-            f"Write one Python function with exactly this signature, using torch "
-            f"(already imported as `torch`; `math` is available too):\n\n"
-            f"```python\n{self.signature}\n    \"\"\"{self.docstring}\"\"\"\n```\n\n"
-            f"Constraints:\n{self.constraints}\n\n"
-            f"Answer with one JSON object and nothing else, with keys \"thought\" (your "
-            f"reasoning, briefly), \"name\" (a short snake_case name) and \"code\" (the "
-            f"complete Python source defining exactly one function). For example:\n\n"
-            f"{example}\n")
-
-    def first_message(self, fitness: float) -> str:
-        return (f"Here is the starting point, {self.warm_start_name}:\n\n```python\n"
-                f"{self.warm_start_code}```\n\n{fitness_text(fitness)}\n\n"
-                f"Propose a new {self.slot} function that reaches a higher fitness.")
+    def build(self, code: str, limits: SandboxLimits) -> Member:
+        """A member of the family running ``code`` in a sandbox, validated, ready for the
+        inner loop; closed with ``member.close()``. Raises ``ProposalError``."""
 
 
-LPO_FAMILY = ProposalFamily(
-    name="lpo",
-    slot="drift",
-    function="drift",
-    signature="def drift(ratio: torch.Tensor, advantage: torch.Tensor, "
-              "clip_eps: float) -> torch.Tensor:",
-    docstring="""The drift of Mirror Learning, which PPO's clipped objective is an instance of.
+def system_prompt(p: Proposal) -> str:
+    """The chat's system message, generated from the family's proposal."""
+    example = json.dumps(p.example, indent=2)
+    return (
+        f"You are a reinforcement-learning researcher searching for a better {p.slot} "
+        f"function. Each function you write replaces the {p.slot} of an RL algorithm, "
+        f"and agents are trained with it; you are told the fitness of each proposal and "
+        f"use it to write better ones.\n\n"
+        f"Write one Python function with exactly this signature, using torch "
+        f"(already imported as `torch`; `math` is available too):\n\n"
+        f"```python\n{p.signature}\n    \"\"\"{p.docstring}\"\"\"\n```\n\n"
+        f"Constraints:\n{p.constraints}\n\n"
+        f"Answer with one JSON object and nothing else, with keys \"thought\" (your "
+        f"reasoning, briefly), \"name\" (a short snake_case name) and \"code\" (the "
+        f"complete Python source defining exactly one function). For example:\n\n"
+        f"{example}\n")
 
-    The policy is trained to maximise mean(ratio * advantage - drift), so the drift is a
-    penalty on moving the policy.
 
-    ratio: pi_new(a|s) / pi_old(a|s) for each sample, a positive float32 tensor (any
-        shape; typically between 0.1 and 10, most samples near 1).
-    advantage: the GAE advantage of each sample, normalised per minibatch to mean 0 and
-        standard deviation 1; same shape as ratio.
-    clip_eps: PPO's clip range epsilon, a float (0.2).
-    returns: the drift of each sample, same shape as ratio.
-    """,
-    constraints="""- The result has the shape of `ratio` and is computed elementwise (no reductions
-  over the batch), with no NaN or infinity for any positive ratio and any advantage.
-- The drift is non-negative everywhere: drift >= 0.
-- At ratio == 1 the drift is 0 and its derivative with respect to ratio is 0.
-- It must be differentiable with torch autograd (no .item(), numpy or in-place tricks).
-- The agent learning rate is set per environment (tuned for PPO) and annealed linearly
-  to 0; each environment's fitness is the final return divided by PPO's return there.""",
-    example={"thought": "A squared penalty on the log-ratio, stronger where the advantage "
-                        "pushes the policy further, keeps the update small and is flat at 1.",
-             "name": "weighted_log_ratio_penalty",
-             "code": "def drift(ratio, advantage, clip_eps):\n"
-                     "    log_r = torch.log(ratio)\n"
-                     "    return 0.5 * advantage.abs() * log_r ** 2\n"},
-    warm_start_name="PPO's clipped objective written as a drift",
-    warm_start_code="def drift(ratio, advantage, clip_eps):\n"
-                    "    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)\n"
-                    "    return torch.relu((ratio - clipped) * advantage)\n",
-)
+def first_message(p: Proposal, fitness: float) -> str:
+    """The first user message: the warm start's source and its measured fitness."""
+    return (f"Here is the starting point, {p.warm_start_name}:\n\n```python\n"
+            f"{p.warm_start_code}```\n\n{fitness_text(fitness)}\n\n"
+            f"Propose a new {p.slot} function that reaches a higher fitness.")
 
-FAMILIES = {"lpo": LPO_FAMILY}
+
+def proposable() -> list[str]:
+    """The algorithm names ``propose`` takes: the learned members of the families that
+    support LLM proposal."""
+    return [n for fam in FAMILIES.values() if "proposal" in fam.methods for n in fam.learned]
+
+
+def resolve_proposal(name: str) -> tuple[Family, Proposal]:
+    """The family whose slot ``name`` fills, and its proposal interface; a ``ValueError``
+    that says why for an unknown name, a handcrafted member, or a family without one."""
+    known = proposable()
+    try:
+        family = family_of(name)
+    except ValueError:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown family {name!r} for proposal: name the learned algorithm "
+                         f"whose slot the code fills ({', '.join(known)}).{hint}") from None
+    try:
+        proposal = family.method("proposal")
+    except ValueError as e:  # the family's refusal, with its reason
+        raise ValueError(f"cannot propose {name}: {e}") from None
+    if not family.is_learned(name):
+        raise ValueError(f"{name} is a handcrafted member of the {family.name} family; "
+                         f"propose writes the code of a learned one ({', '.join(known)})")
+    return family, proposal
 
 
 def fitness_text(fitness: float) -> str:
@@ -140,6 +147,7 @@ def fitness_text(fitness: float) -> str:
 
 @dataclass
 class ProposeConfig:
+    #: the learned algorithm whose family's slot the code fills (``lpo``: drift functions)
     family: str = "lpo"
     model: str = "o3-mini"
     base_url: str | None = None
@@ -159,7 +167,7 @@ class ProposeConfig:
 
     def limits(self):
         """The sandbox limits of one proposal's child."""
-        from metarl.meta.sandbox import SandboxLimits
+        from metarl.sandbox import SandboxLimits
 
         return SandboxLimits(call_timeout_s=self.call_timeout_s, memory_mb=self.memory_mb,
                              cpu_s=self.cpu_s, wall_s=self.wall_s)
@@ -176,9 +184,9 @@ class ProposeError(RuntimeError):
 
 
 def check_propose_config(cfg: ProposeConfig):
-    if cfg.family not in FAMILIES:
-        raise ValueError(f"unknown family {cfg.family!r} for proposal; families with a "
-                         f"signature and a handcrafted warm start: {', '.join(FAMILIES)}")
+    """The inner configurations per environment; a ``ValueError`` before any work for a
+    bad configuration, the family's refusal included."""
+    resolve_proposal(cfg.family)
     if cfg.generations < 1 or cfg.seeds < 1:
         raise ValueError(f"generations and seeds must be at least 1, got "
                          f"{cfg.generations} and {cfg.seeds}")
@@ -309,37 +317,38 @@ def parse_answer(text: str) -> dict:
 # --------------------------------------------------------------------------- scoring
 
 
-def score_code(code: str, configs: dict, seeds: list[int], cfg: ProposeConfig) -> dict:
+def score_code(code: str, configs: dict, seeds: list[int], cfg: ProposeConfig,
+               proposal: Proposal | None = None) -> dict:
     """Validate and train one proposal; the fitness is computed here, from raw returns.
 
-    Returns ``{"fitness", "per_env", "env_steps", "error"}``; never raises for a bad
+    ``proposal`` is the family's (by default that of ``cfg.family``). Returns
+    ``{"fitness", "per_env", "env_steps", "error", "reason"}``; never raises for a bad
     proposal."""
-    from metarl.meta.sandbox import (
-        DriftSandbox,
-        ProposalError,
-        SandboxedDrift,
-        validate_drift,
-    )
+    from metarl.sandbox import ProposalError
 
+    if proposal is None:
+        proposal = resolve_proposal(cfg.family)[1]
     per_env, env_steps = {}, 0
+    member = None
     try:
-        with DriftSandbox(code, cfg.limits()) as box:
-            validate_drift(box.call)
-            drift = SandboxedDrift(box)
-            for env_id, c in configs.items():
-                res = train(c, drift, None, seeds)
-                env_steps += res.env_steps
-                if bool(res.failed.any()):
-                    bad = [s for s, f in zip(seeds, res.failed.tolist()) if f]
-                    raise ProposalError("nan", f"training on {env_id} produced non-finite "
-                                               f"losses or parameters for seeds {bad}")
-                mean = float(res.final_return.mean())
-                per_env[env_id] = {"mean_return": mean,
-                                   "normalized": mean / c.reference_return,
-                                   "final_return": res.final_return.tolist()}
+        member = proposal.build(code, cfg.limits())
+        for env_id, c in configs.items():
+            res = train(c, member, None, seeds)
+            env_steps += res.env_steps
+            if bool(res.failed.any()):
+                bad = [s for s, f in zip(seeds, res.failed.tolist()) if f]
+                raise ProposalError("nan", f"training on {env_id} produced non-finite "
+                                           f"losses or parameters for seeds {bad}")
+            mean = float(res.final_return.mean())
+            per_env[env_id] = {"mean_return": mean,
+                               "normalized": mean / c.reference_return,
+                               "final_return": res.final_return.tolist()}
     except ProposalError as e:
         return {"fitness": FAILED_FITNESS, "per_env": per_env, "env_steps": env_steps,
                 "error": str(e), "reason": e.reason}
+    finally:
+        if member is not None:
+            member.close()
     fitness = sum(v["normalized"] for v in per_env.values()) / len(per_env)
     return {"fitness": fitness, "per_env": per_env, "env_steps": env_steps, "error": None,
             "reason": None}
@@ -352,7 +361,7 @@ def propose(cfg: ProposeConfig, out: str | Path | None = None, resume: bool = Fa
             log=print, client: ChatClient | None = None) -> dict:
     """Run the proposal loop; return the results (also in ``results.json``)."""
     configs = check_propose_config(cfg)
-    family = FAMILIES[cfg.family]
+    family, proposal = resolve_proposal(cfg.family)
     seeds = list(range(cfg.seeds))
     run_path = Path(out) if out else RunDir.default_path("propose", cfg.family)
     state_path = run_path / "state.json"
@@ -379,19 +388,19 @@ def propose(cfg: ProposeConfig, out: str | Path | None = None, resume: bool = Fa
     t_start = time.time()
 
     if not resume:
-        log(f"scoring the warm start ({family.warm_start_name})")
-        warm = score_code(family.warm_start_code, configs, seeds, cfg)
+        log(f"scoring the warm start ({proposal.warm_start_name})")
+        warm = score_code(proposal.warm_start_code, configs, seeds, cfg, proposal)
         if warm["error"]:
             raise ProposeError(f"the warm start failed: {warm['error']}")
-        entry = {"generation": 0, "name": "warm_start", "thought": family.warm_start_name,
-                 "code": family.warm_start_code, **warm}
+        entry = {"generation": 0, "name": "warm_start", "thought": proposal.warm_start_name,
+                 "code": proposal.warm_start_code, **warm}
         state = {"config": public_cfg, "generation": 0,
-                 "messages": [{"role": "system", "content": family.system_prompt()},
-                              {"role": "user", "content": family.first_message(
-                                  warm["fitness"])}],
+                 "messages": [{"role": "system", "content": system_prompt(proposal)},
+                              {"role": "user", "content": first_message(
+                                  proposal, warm["fitness"])}],
                  "archive": [entry], "best": 0, "env_steps": warm["env_steps"],
                  "wall_time": time.time() - t_start, "retries": 0}
-        _save(run_path, state, family, cfg)
+        _save(run_path, state, family, proposal, cfg)
         run.log(**_metrics(entry, state))
         run.sync()
     wall0 = state["wall_time"] - time.time()
@@ -409,12 +418,12 @@ def propose(cfg: ProposeConfig, out: str | Path | None = None, resume: bool = Fa
                           "error": f"[format] {e}", "reason": "format"}
             else:
                 log(f"generation {g}: scoring {ans['name']!r}")
-                result = score_code(ans["code"], configs, seeds, cfg)
+                result = score_code(ans["code"], configs, seeds, cfg, proposal)
             entry = {"generation": g, **ans, **result}
             feedback = (fitness_text(result["fitness"]) if result["error"] is None
                         else f"Code not valid. Error: {result['error']}")
             messages.append({"role": "user", "content": feedback + "\n\nPropose the next "
-                             f"{family.slot} function, as a JSON object."})
+                             f"{proposal.slot} function, as a JSON object."})
             best = state["archive"][state["best"]]
             state = {**state, "generation": g, "messages": messages,
                      "archive": state["archive"] + [entry],
@@ -426,7 +435,7 @@ def propose(cfg: ProposeConfig, out: str | Path | None = None, resume: bool = Fa
                 state["best"] = len(state["archive"]) - 1
             run.log(**_metrics(entry, state))
             run.sync()
-            _save(run_path, state, family, cfg)
+            _save(run_path, state, family, proposal, cfg)
             log(f"generation {g}: {ans['name'] or '(malformed)'} -> "
                 f"{feedback.splitlines()[0][:160]}")
     finally:
@@ -443,20 +452,23 @@ def _metrics(entry, state) -> dict:
             "wall_time": state["wall_time"]}
 
 
-def _save(run_path: Path, state: dict, family: ProposalFamily, cfg: ProposeConfig) -> None:
+def _save(run_path: Path, state: dict, family: Family, proposal: Proposal,
+          cfg: ProposeConfig) -> None:
     """Everything needed to continue, written atomically; state.json last (it is the
     commit point: resume reads it, the other files are views of it)."""
     write_json_atomic(run_path / "archive.json", state["archive"])
     write_json_atomic(run_path / "conversation.json", state["messages"])
     best = state["archive"][state["best"]]
     prov = {"method": "propose", "model": cfg.model, "base_url": cfg.base_url,
-            "family": family.name, "meta_train_envs": list(cfg.envs), "seeds": cfg.seeds,
+            "family": family.name, "algorithm": cfg.family,
+            "meta_train_envs": list(cfg.envs), "seeds": cfg.seeds,
             "generation": best["generation"], "generations_run": state["generation"],
             "fitness": best["fitness"], "per_env": best["per_env"],
             "thought": best["thought"], "env_steps": state["env_steps"],
             "wall_time": round(state["wall_time"], 1)}
-    art_mod.save(art_mod.code_artifact(best["code"], family.function, prov,
-                                       name=f"{family.name}-propose-{best['name']}"),
+    art_mod.save(art_mod.code_artifact(best["code"], proposal.function, prov,
+                                       name=f"{cfg.family}-propose-{best['name']}",
+                                       family=family.name),
                  run_path / "best.pt")
     write_json_atomic(run_path / "state.json", state)
 

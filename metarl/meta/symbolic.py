@@ -1,27 +1,35 @@
-"""Symbolic distillation: fit readable formulas to a drift function.
+"""Symbolic distillation: fit readable formulas to a learned (or handcrafted) algorithm.
 
-``metarl symbolic ART --backend gplearn|pysr`` evaluates the teacher (any drift artifact or
-handcrafted name) on a synthetic grid and runs symbolic regression on inputs
-``(log r, r - 1, A)`` with the drift as the target, using the paper's operators
-(``+ - * / max min square neg tanh abs``) and limits (size 40, depth 8). No environment
-samples are spent.
+``metarl symbolic ART --backend gplearn|pysr`` evaluates the teacher (any artifact, or an
+algorithm name) on synthetic inputs and runs symbolic regression with the teacher's output
+as the target, using the operators ``+ - * / max min square neg tanh abs`` and limits
+(size 40, depth 8) of Goldie et al. 2025 ("How Should We Meta-Learn Reinforcement Learning
+Algorithms?"). No environment samples are spent.
+
+Everything family-specific comes from the teacher artifact's family,
+``family.method("symbolic")`` (for the drift family
+:class:`~metarl.families.drift.symbolic.DriftSymbolic`): the formula's input names, the
+data and its options (``grid``), what a formula computes (for a drift, ``relu(f)``), the
+family's constraint and its repair, and how a formula becomes an artifact. A family
+without symbolic distillation is refused with its reason before any work.
 
 Both backends return candidates that are turned into metarl expression trees
-(:mod:`metarl.algorithms.expression`) and scored here, the same way for both, on the whole
-grid: loss is the mean squared error of ``relu(f)`` (the drift the module computes) against
-the teacher's drift; complexity is the number of nodes of the tree. The Pareto front (for
-each complexity, the lowest loss, kept only if it beats every simpler one) is saved as
+(:mod:`metarl.expression`) and scored here, the same way for both, on all the data: loss
+is the mean squared error of what the formula's module computes against the teacher's
+output; complexity is the number of nodes of the tree. The Pareto front (for each
+complexity, the lowest loss, kept only if it beats every simpler one) is saved as
 ``front.csv`` / ``front.json`` with PySR's score (``-d log(loss) / d complexity``). Two
 expressions become artifacts, as in the paper: the lowest-loss one (``lowest-loss.pt``) and
 the best-scored one (``best-score.pt``: PySR's "best" rule, the highest score among the
 candidates whose loss is within 1.5x of the lowest).
 
-**The constraint at r = 1.** A drift must be 0 at ``r = 1``. With ``at_one="reject"`` (the
-default, and the paper's choice) a candidate whose drift exceeds ``1e-6`` anywhere on the
-grid's ``r = 1`` line stays in the front file, flagged, but is never chosen. With
-``at_one="repair"`` every candidate ``f`` is replaced by ``f(log r, r-1, A) - f(0, 0, A)``
-before it is scored, which makes it exactly 0 at ``r = 1`` (and changes it elsewhere; its
-loss is measured after the repair).
+**The family's constraint** (for a drift: 0 at ``r = 1``). With ``at_one="reject"`` (the
+default, and the paper's choice) a candidate that breaks it by more than the family's
+tolerance stays in the candidates file, flagged, but is never chosen. With
+``at_one="repair"`` every candidate is first repaired by the family (for a drift ``f`` is
+replaced by ``f(log r, r-1, A) - f(0, 0, A)``, exactly 0 at ``r = 1`` and changed
+elsewhere); its loss is measured after the repair. The option keeps the drift family's name
+(``--at-one``).
 """
 
 from __future__ import annotations
@@ -30,30 +38,29 @@ import csv
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from metarl import artifact as art_mod
-from metarl.algorithms.drift import SYMBOLIC_INPUTS
-from metarl.algorithms.expression import (
+from metarl.expression import (
     DIV_GUARD,
     ExpressionError,
     compile_tree,
     depth,
     from_sympy,
     size,
-    substitute,
     to_sympy,
 )
+from metarl.families import get_family
 from metarl.logging import RunDir, refuse_other_run, write_json_atomic
-from metarl.meta.families import SYMBOLIC_GRID, DriftGrid, teacher_module
 
+METHOD = "symbolic"
 BACKENDS = ("gplearn", "pysr")
 AT_ONE = ("reject", "repair")
-AT_ONE_TOL = 1e-6
 
 
 class BackendUnavailable(ImportError):
@@ -64,8 +71,11 @@ class BackendUnavailable(ImportError):
 class SymbolicConfig:
     teacher: str
     backend: str = "gplearn"
+    #: a candidate that breaks the family's constraint: "reject" it or "repair" it
     at_one: str = "reject"
-    grid: DriftGrid = field(default_factory=lambda: replace(SYMBOLIC_GRID))
+    #: the family's data options (drift: a ``DriftGrid``, default ``SYMBOLIC_GRID``); None:
+    #: the family's default, filled in here when the teacher can be read, else at the start
+    grid: Any = None
     max_size: int = 40
     max_depth: int = 8
     population: int = 1000
@@ -73,8 +83,22 @@ class SymbolicConfig:
     parsimony: float = 0.001
     seed: int = 0
 
+    def __post_init__(self):
+        if self.grid is None:
+            self.grid = _default_data(self.teacher)
+
+
+def _default_data(teacher: str):
+    """The default data options of the teacher's family, or None when the teacher cannot be
+    read or its family has no symbolic distillation (the run then says why)."""
+    try:
+        return get_family(art_mod.load(teacher).family).method(METHOD).default_data()
+    except (ValueError, OSError):
+        return None
+
 
 def check_symbolic_config(cfg: SymbolicConfig) -> None:
+    """Refuse bad settings (``ValueError``); the data options are checked by the family."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"unknown symbolic backend {cfg.backend!r}; choose one of "
                          f"{', '.join(BACKENDS)}")
@@ -85,25 +109,18 @@ def check_symbolic_config(cfg: SymbolicConfig) -> None:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if not (math.isfinite(cfg.parsimony) and cfg.parsimony >= 0):
         raise ValueError(f"parsimony must be a finite number >= 0, got {cfg.parsimony}")
-    cfg.grid.check()
 
 
 # --------------------------------------------------------------------------- data
 
 
-def drift_data(teacher: str, grid: DriftGrid):
-    """``(X [N, 3] float64: log r, r - 1, A; y [N] teacher drift; teacher artifact)``."""
-    artifact = art_mod.load(teacher)
-    if artifact.family != "drift":
-        raise ValueError(f"symbolic distillation supports the drift family; {teacher} is "
-                         f"{artifact.family!r}")
-    drift, params = artifact.build()
-    drift = teacher_module(drift, params)
-    ratio, adv = grid.tensors(torch.float64)
-    with torch.no_grad():
-        y = drift.double()(ratio, adv).numpy()
-    X = np.stack([np.log(ratio.numpy()), ratio.numpy() - 1.0, adv.numpy()], axis=1)
-    return X, y, artifact
+def load_teacher(name: str):
+    """``(artifact, method)``: the teacher artifact and its family's symbolic-distillation
+    object. A family without it, or a teacher it does not take, is refused (``ValueError``)."""
+    artifact = art_mod.load(name)
+    method = get_family(artifact.family).method(METHOD)
+    method.check_teacher(artifact, name)
+    return artifact, method
 
 
 # --------------------------------------------------------------------------- backends
@@ -124,7 +141,7 @@ def _gplearn_functions():
             make_function(function=np.tanh, name="tanh", arity=1))
 
 
-def _gplearn_to_sympy(program, symbols):
+def _gplearn_to_sympy(program, symbols, inputs):
     import sympy as sp
 
     names = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b,
@@ -139,7 +156,7 @@ def _gplearn_to_sympy(program, symbols):
         node = nodes[pos]
         pos += 1
         if isinstance(node, (int, np.integer)):
-            return symbols[SYMBOLIC_INPUTS[int(node)]]
+            return symbols[inputs[int(node)]]
         if isinstance(node, (float, np.floating)):
             return sp.Float(float(node))
         args = [parse() for _ in range(node.arity)]
@@ -148,8 +165,9 @@ def _gplearn_to_sympy(program, symbols):
     return parse()
 
 
-def fit_gplearn(X, y, cfg: SymbolicConfig, log=print, metrics=lambda **kw: None):
-    """Candidate sympy expressions from gplearn's genetic programming (every generation)."""
+def fit_gplearn(X, y, cfg: SymbolicConfig, inputs, log=print, metrics=lambda **kw: None):
+    """Candidate sympy expressions over ``inputs`` (the names of ``X [N, d]``'s columns)
+    from gplearn's genetic programming (every generation)."""
     try:
         from gplearn.genetic import SymbolicRegressor
     except ImportError:
@@ -163,7 +181,7 @@ def fit_gplearn(X, y, cfg: SymbolicConfig, log=print, metrics=lambda **kw: None)
         function_set=_gplearn_functions(), metric="mse", parsimony_coefficient=cfg.parsimony,
         init_depth=(2, min(6, cfg.max_depth)), const_range=(-1.0, 1.0), p_crossover=0.7,
         p_subtree_mutation=0.1, p_hoist_mutation=0.05, p_point_mutation=0.1,
-        feature_names=list(SYMBOLIC_INPUTS), random_state=cfg.seed, low_memory=False,
+        feature_names=list(inputs), random_state=cfg.seed, low_memory=False,
         n_jobs=1, verbose=0)
     t0 = time.time()
     model.fit(X, y)
@@ -188,11 +206,11 @@ def fit_gplearn(X, y, cfg: SymbolicConfig, log=print, metrics=lambda **kw: None)
                 continue
             seen.add(key)
             best.setdefault(prog.length_, []).append(prog)
-    symbols = {n: sp.Symbol(n) for n in SYMBOLIC_INPUTS}
+    symbols = {n: sp.Symbol(n) for n in inputs}
     out = []
     for length in sorted(best):
         for prog in sorted(best[length], key=lambda p: p.raw_fitness_)[:2]:
-            out.append(_gplearn_to_sympy(prog.program, symbols))
+            out.append(_gplearn_to_sympy(prog.program, symbols, inputs))
     return out
 
 
@@ -230,8 +248,9 @@ def _piecewise_to_minmax(expr):
     return expr.replace(lambda e: isinstance(e, sp.Piecewise), fix)
 
 
-def fit_pysr(X, y, cfg: SymbolicConfig, run_path: Path, log=print):
-    """Candidate sympy expressions from PySR's hall of fame (needs Julia)."""
+def fit_pysr(X, y, cfg: SymbolicConfig, inputs, run_path: Path, log=print):
+    """Candidate sympy expressions over ``inputs`` (the names of ``X [N, d]``'s columns)
+    from PySR's hall of fame (needs Julia)."""
     why = _pysr_available()
     if why:
         raise BackendUnavailable(f"the pysr backend cannot run here: {why}. Use "
@@ -246,46 +265,34 @@ def fit_pysr(X, y, cfg: SymbolicConfig, run_path: Path, log=print):
         maxdepth=cfg.max_depth, parsimony=cfg.parsimony, random_state=cfg.seed,
         deterministic=True, parallelism="serial", progress=False,
         output_directory=str(run_path / "pysr"))
-    model.fit(X, y, variable_names=list(SYMBOLIC_INPUTS))
+    model.fit(X, y, variable_names=list(inputs))
     return [_piecewise_to_minmax(e) for e in model.equations_["sympy_format"]]
 
 
 # --------------------------------------------------------------------------- scoring
 
 
-def _at_one_repair(tree):
-    """``f - f(0, 0, A)``, built on the tree so that the subtracted value is the module's own
-    (guarded division included), then simplified through sympy."""
+def score_candidates(exprs, X, y, cfg: SymbolicConfig, method=None) -> list[dict]:
+    """Trees, complexities, losses and constraint flags of the candidates (sympy
+    expressions over ``method.inputs``) on the data ``X [N, d]``, ``y [N]``, duplicates
+    removed. ``method``: the family's symbolic-distillation object (default: the teacher's
+    family's). Each row: ``tree, formula, complexity, depth, loss, r2``, the family's
+    violation (``method.violation_name``, e.g. ``at_one``) and report columns, ``valid``."""
     import sympy as sp
 
-    at_one = substitute(tree, {"log_r": 0, "r_minus_1": 0})
-    repaired = ["add", tree, ["mul", ["num", -1], at_one]]
-    syms = {n: sp.Symbol(n) for n in SYMBOLIC_INPUTS}
-    simpler = from_sympy(to_sympy(repaired, syms), SYMBOLIC_INPUTS)
-    # sympy's simplification ignores the division guard (A / A -> 1); keep it only when the
-    # module it gives is still 0 at r = 1, else keep the tree as built (exact by design).
-    line = torch.linspace(-8, 8, 65, dtype=torch.float64)
-    zeros = torch.zeros_like(line)
-    f = compile_tree(simpler, SYMBOLIC_INPUTS)
-    return simpler if float(f(zeros, zeros, line).abs().max()) == 0.0 else repaired
-
-
-def score_candidates(exprs, X, y, cfg: SymbolicConfig) -> list[dict]:
-    """Trees, complexities, losses and flags for the candidates, duplicates removed."""
-    import sympy as sp
-
+    if method is None:
+        method = load_teacher(cfg.teacher)[1]
+    inputs = method.inputs
     Xt = torch.as_tensor(X)
     yt = torch.as_tensor(y)
     var = float(((yt - yt.mean()) ** 2).mean())
-    a_line = torch.unique(Xt[:, 2])
-    zeros = torch.zeros_like(a_line)
     rows, seen = [], set()
     for expr in exprs:
         try:
-            tree = from_sympy(expr, SYMBOLIC_INPUTS)
+            tree = from_sympy(expr, inputs)
             if cfg.at_one == "repair":
-                tree = _at_one_repair(tree)
-                expr = to_sympy(tree, {n: sp.Symbol(n) for n in SYMBOLIC_INPUTS})
+                tree = method.repair(tree)
+                expr = to_sympy(tree, {n: sp.Symbol(n) for n in inputs})
         except (ExpressionError, ValueError, TypeError):
             continue  # an operator we do not run, or a formula sympy cannot build
         key = str(tree)
@@ -295,23 +302,17 @@ def score_candidates(exprs, X, y, cfg: SymbolicConfig) -> list[dict]:
         cplx, dep = size(tree), depth(tree)
         if cplx > cfg.max_size or dep > cfg.max_depth:
             continue
-        raw = compile_tree(tree, SYMBOLIC_INPUTS, finite=False)  # no nan_to_num: see it
+        raw = compile_tree(tree, inputs, finite=False)  # no nan_to_num: see it
         with torch.no_grad():
-            pred = torch.relu(raw(Xt[:, 0], Xt[:, 1], Xt[:, 2]))
-            at_one = float(torch.relu(raw(zeros, zeros, a_line)).abs().max())
-            h = 1e-3  # the one-sided slopes of the drift at r = 1, reported (not a filter)
-            up = torch.relu(raw(torch.full_like(a_line, math.log1p(h)),
-                                torch.full_like(a_line, h), a_line))
-            down = torch.relu(raw(torch.full_like(a_line, math.log1p(-h)),
-                                  torch.full_like(a_line, -h), a_line))
-            slope = float(torch.maximum(up.abs(), down.abs()).max() / h)
-        if not (torch.isfinite(pred).all() and math.isfinite(at_one)):
-            continue  # not finite on the grid: rejected before it can become an artifact
+            pred = method.output(raw, Xt)
+            violation, report = method.constraint(raw, Xt)
+        if not (torch.isfinite(pred).all() and math.isfinite(violation)):
+            continue  # not finite on the data: rejected before it can become an artifact
         mse = float(((pred - yt) ** 2).mean())
         rows.append({"tree": tree, "formula": str(sp.N(expr, 6)), "complexity": cplx, "depth": dep,
                      "loss": mse, "r2": 1.0 - mse / var if var > 0 else float("nan"),
-                     "at_one": at_one, "slope_at_one": slope,
-                     "valid": at_one <= AT_ONE_TOL})
+                     method.violation_name: violation, **report,
+                     "valid": violation <= method.tolerance})
     return rows
 
 
@@ -338,15 +339,17 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return front
 
 
-def choose(rows: list[dict], at_one: str = "reject") -> tuple[dict, dict]:
+def choose(rows: list[dict], at_one: str = "reject",
+           constraint: str = "satisfies the family's constraint") -> tuple[dict, dict]:
     """(lowest-loss, best-score) on the Pareto front of the candidates that satisfy the
-    r = 1 constraint (rejected candidates are removed before the front is built, so they
-    neither hide a valid candidate nor set a score)."""
+    family's constraint (rejected candidates are removed before the front is built, so they
+    neither hide a valid candidate nor set a score). ``constraint`` says what a valid
+    candidate does, for the error when there is none."""
     valid = [r for r in rows if r["valid"]]
     if not valid:
         hint = "" if at_one == "repair" else " or use --at-one repair"
         raise ValueError(
-            f"no candidate expression is 0 at r = 1 (the drift constraint), so none can "
+            f"no candidate expression {constraint}, so none can "
             f"be chosen; run longer (--generations, --population){hint}")
     valid_front = pareto_front(valid)
     lowest = min(valid_front, key=lambda r: r["loss"])
@@ -367,24 +370,28 @@ def symbolic_distill(cfg: SymbolicConfig, out: str | Path | None = None,
         if why:
             raise BackendUnavailable(f"the pysr backend cannot run here: {why}. Use "
                                      f"--backend gplearn (pure Python) instead.")
-    X, y, teacher = drift_data(cfg.teacher, cfg.grid)
+    teacher, method = load_teacher(cfg.teacher)
+    if cfg.grid is None:  # the family's default data
+        cfg = replace(cfg, grid=method.default_data())
+    method.check_data(cfg.grid)
+    X, y = method.data(teacher, cfg.grid)
     run_path = Path(out) if out else RunDir.default_path("symbolic", teacher.name)
     refuse_other_run(run_path)
     run = RunDir(run_path, append=False)
     run.write_config({**asdict(cfg), "grid_points": len(y)})
     t0 = time.time()
     if cfg.backend == "gplearn":
-        exprs = fit_gplearn(X, y, cfg, log=log, metrics=run.log)
+        exprs = fit_gplearn(X, y, cfg, method.inputs, log=log, metrics=run.log)
     else:
-        exprs = fit_pysr(X, y, cfg, run_path, log=log)
-    rows = score_candidates(exprs, X, y, cfg)
-    lowest, best = choose(rows, cfg.at_one)
+        exprs = fit_pysr(X, y, cfg, method.inputs, run_path, log=log)
+    rows = score_candidates(exprs, X, y, cfg, method)
+    lowest, best = choose(rows, cfg.at_one, method.constraint_text + method.constraint_note)
     front = pareto_front([r for r in rows if r["valid"]])  # what the choice was made on
     for r in front:
         r["chosen"] = ",".join(label for label, c in (("lowest-loss", lowest),
                                                       ("best-score", best))
                                if c["tree"] == r["tree"])
-    _write_front(run_path, front)
+    _write_front(run_path, front, (method.violation_name, *method.report_names))
     write_json_atomic(run_path / "candidates.json",
                       sorted(rows, key=lambda r: (r["complexity"], r["loss"])))
     wall = time.time() - t0
@@ -395,7 +402,7 @@ def symbolic_distill(cfg: SymbolicConfig, out: str | Path | None = None,
             "settings": {k: v for k, v in asdict(cfg).items() if k != "teacher"}}
     paths = {}
     for label, row in (("lowest-loss", lowest), ("best-score", best)):
-        a = art_mod.symbolic_artifact(
+        a = method.artifact(
             row["tree"], {**prov, "selection": label, "loss": row["loss"], "r2": row["r2"],
                           "complexity": row["complexity"]},
             name=f"{teacher.name}-symbolic-{label}")
@@ -407,7 +414,7 @@ def symbolic_distill(cfg: SymbolicConfig, out: str | Path | None = None,
                   for f in ("formula", "complexity", "loss", "r2")},
                "artifacts": paths, "run_dir": str(run_path)}
     run.write_results(results)
-    run.write_summary(_summary(results, front))
+    run.write_summary(_summary(results, front, method.constraint_plural))
     run.close()
     log(f"lowest loss: {lowest['formula']}  (R^2 {lowest['r2']:.4f})")
     log(f"best score:  {best['formula']}  (R^2 {best['r2']:.4f})")
@@ -415,23 +422,23 @@ def symbolic_distill(cfg: SymbolicConfig, out: str | Path | None = None,
     return results
 
 
-def _write_front(run_path: Path, front: list[dict]) -> None:
+def _write_front(run_path: Path, front: list[dict], checks: tuple[str, ...]) -> None:
+    """``front.json`` and ``front.csv``; ``checks``: the family's constraint columns."""
     write_json_atomic(run_path / "front.json", front)
     with open(run_path / "front.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["complexity", "depth", "loss", "r2", "score", "at_one", "slope_at_one",
-                    "chosen", "formula"])
+        w.writerow(["complexity", "depth", "loss", "r2", "score", *checks, "chosen", "formula"])
         for r in front:
             w.writerow([r["complexity"], r["depth"], f"{r['loss']:.6g}", f"{r['r2']:.6f}",
-                        f"{r['score']:.4f}", f"{r['at_one']:.3g}", f"{r['slope_at_one']:.3g}",
+                        f"{r['score']:.4f}", *(f"{r[c]:.3g}" for c in checks),
                         r["chosen"], r["formula"]])
 
 
-def _summary(results: dict, front: list[dict]) -> str:
+def _summary(results: dict, front: list[dict], valid_text: str) -> str:
     lines = [f"# Symbolic distillation of {results['teacher']} ({results['backend']})", "",
              f"{results['grid_points']} grid points, {results['candidates']} candidates, "
              f"{results['wall_time_s']:.1f} s, 0 environment steps.", "",
-             "The Pareto front of the candidates that are 0 at r = 1 (all candidates, "
+             f"The Pareto front of the candidates that {valid_text} (all candidates, "
              "rejected ones included, are in candidates.json):", "",
              "| complexity | loss | R^2 | score | chosen | formula |",
              "|---:|---:|---:|---:|---|---|"]

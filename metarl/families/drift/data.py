@@ -1,10 +1,10 @@
-"""Per-family synthetic data for distillation: inputs on which a teacher is imitated.
+"""The drift family's synthetic data: inputs on which a teacher is imitated.
 
 Distillation spends no environment samples: the student sees the teacher only on synthetic
 inputs. For the drift family (LPO) these are the paper's grid over the probability ratio and
 the advantage: ``A`` in ``[-8, 8)`` with step 1/64 and ``r = exp(k/256)`` for ``k`` in
-``[-512, 512)``, about a million points (ALGORITHMS.md, Distillation). Other families
-(optimisers, LPG) add their generators here.
+``[-512, 512)``, about a million points (the grid of Lu et al. 2022's LPO distillation, which
+Goldie et al. 2025 reuse). Symbolic regression uses a coarser grid over the same ranges.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from metarl.algorithms.drift import Drift
+from metarl.families.drift.members import Drift
 
 
 @dataclass

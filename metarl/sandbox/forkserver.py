@@ -1,6 +1,6 @@
 """The sandbox's fork server: one trusted child per parent process that imports torch once
-and forks a worker for every :class:`~metarl.meta.sandbox.DriftSandbox` (about 20 ms each
-instead of the 2-3 s of a fresh interpreter). The child side is ``_sandbox_child.py``.
+and forks a worker for every :class:`~metarl.sandbox.Sandbox` (about 20 ms each instead of
+the 2-3 s of a fresh interpreter). The child side is ``child.py`` beside this file.
 """
 
 from __future__ import annotations
@@ -15,16 +15,13 @@ import sys
 import threading
 import time
 
-_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
+from metarl.sandbox.base import SandboxError
+
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 NOBODY = 65534
 #: The environment of every child, whole: nothing is taken from ``os.environ``.
 _CHILD_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
               "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-
-
-class SandboxError(RuntimeError):
-    """The sandbox machinery failed (the fork server did not start, a pipe broke while no
-    proposal code could have run): not something the proposal can be blamed for."""
 
 
 # -- the fork server -----------------------------------------------------------------------

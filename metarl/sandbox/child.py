@@ -1,8 +1,8 @@
-"""The child side of :mod:`metarl.meta.sandbox`: a fork server and the workers it forks.
+"""The child side of :mod:`metarl.sandbox`: a fork server and the workers it forks.
 
-Run by the parent as ``python -I -B _sandbox_child.py FD`` with an empty environment, where
-``FD`` is one end of an ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair. This file imports nothing
-from ``metarl``: the child needs torch, numpy and the standard library only.
+Run by the parent as ``python -I -B child.py FD`` with an empty environment, where ``FD`` is
+one end of an ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair. This file imports nothing from
+``metarl``: the child needs torch, numpy and the standard library only.
 
 The **fork server** is trusted code. It imports torch once, warms it up, then waits for the
 parent's requests. Each request carries three pipe ends (requests in, replies out, stdout and
@@ -19,9 +19,14 @@ then reports what it achieved, loads the proposal and answers requests until its
 pipe closes.
 
 Protocol (both directions): one JSON line, then, for ``call``, raw little-endian float32
-bytes. Parent to worker: ``{"op": "load", "code": str}``; ``{"op": "call", "n": N,
-"clip_eps": x}`` + ratio[N] + advantage[N]. Worker to parent: ``{"hello": ...}`` once, then one
-reply per request: ``{"ok": true, ...}`` (+ drift[N] + d drift/d ratio[N] for ``call``) or
+bytes. Parent to worker: ``{"op": "load", "code": str, "function": name, "params":
+[names]}`` (the signature asked for: its positional parameters, in order);
+``{"op": "call", "n": N, "inputs": [names], "constants": {name: number}, "grad": [names],
+"outputs": K}`` + N float32 values per input, in the order of ``inputs``. Every parameter
+is one input (a float32 tensor of N elements) or one constant (a float or int); the
+function is called with them positionally. Worker to parent: ``{"hello": ...}`` once, then
+one reply per request: ``{"ok": true, ...}`` (+ for ``call``: the K outputs, then
+d sum(outputs) / d input for each input of ``grad``, N float32 values each) or
 ``{"ok": false, "reason": str, "message": str}``. Nothing is ever pickled.
 """
 
@@ -46,12 +51,12 @@ PR_SET_NO_NEW_PRIVS = 38
 SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 TMPFS_OPTIONS = b"size=16m,nr_inodes=4096,mode=1777"
 
-# The audit hook and the modules it keeps out live in _sandbox_audit.py beside this file,
+# The audit hook and the modules it keeps out live in audit.py beside this file,
 # loaded by path (the child runs with -I, so its directory is not on sys.path).
 def _load_audit():
     import importlib.util
 
-    path = os.path.join(os.path.dirname(HARNESS), "_sandbox_audit.py")
+    path = os.path.join(os.path.dirname(HARNESS), "audit.py")
     spec = importlib.util.spec_from_file_location("_metarl_sandbox_audit", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -162,17 +167,18 @@ def main():
 
 
 def warm_up(torch, np):
-    """Run the kinds of operation a drift uses once, so lazy imports and first-call set-up
-    happen here and not in a worker without privileges."""
-    r = torch.linspace(0.5, 2.0, 16, requires_grad=True)
-    a = torch.linspace(-2.0, 2.0, 16)
-    eps = 0.2
-    d = torch.relu((r - torch.clamp(r, 1 - eps, 1 + eps)) * a)
-    d = d + torch.nn.functional.softplus(torch.log(r) * a) * torch.tanh(r - 1) ** 2
-    d = d + torch.where(a >= 0, torch.sigmoid(r), torch.exp(-r)).abs().sqrt()
-    d = d + torch.minimum(r, r.clamp(min=1.0)) * torch.maximum(r, a) + (r @ r) / 16
-    d = d + torch.sign(a) * torch.square(r - 1) + torch.pow(r, 1.5) + torch.erf(r)
-    (g,) = torch.autograd.grad(d.sum(), r)
+    """Run the kinds of elementwise operation a proposed function uses once, with autograd,
+    so lazy imports and first-call set-up happen here and not in a worker without
+    privileges."""
+    x = torch.linspace(0.5, 2.0, 16, requires_grad=True)
+    y = torch.linspace(-2.0, 2.0, 16)
+    c = 0.2
+    d = torch.relu((x - torch.clamp(x, 1 - c, 1 + c)) * y)
+    d = d + torch.nn.functional.softplus(torch.log(x) * y) * torch.tanh(x - 1) ** 2
+    d = d + torch.where(y >= 0, torch.sigmoid(x), torch.exp(-x)).abs().sqrt()
+    d = d + torch.minimum(x, x.clamp(min=1.0)) * torch.maximum(x, y) + (x @ x) / 16
+    d = d + torch.sign(y) * torch.square(x - 1) + torch.pow(x, 1.5) + torch.erf(x)
+    (g,) = torch.autograd.grad(d.sum(), x)
     np.frombuffer(g.detach().numpy().tobytes(), dtype="<f4").copy()
 
 
@@ -226,7 +232,7 @@ def _worker(spec, fds):
     isolation["audit_hook"] = "installed"
     send({"hello": {"isolation": isolation, "pid": os.getpid()}})
 
-    fn = None
+    fn = signature = None
     while True:
         line = reader.readline()
         if not line:
@@ -234,18 +240,21 @@ def _worker(spec, fds):
         request = json.loads(line)
         op = request.get("op")
         if op == "load":
-            fn, reply = load(request["code"], violations, builtins, types, torch, math, np)
+            signature = (str(request["function"]), [str(p) for p in request["params"]])
+            fn, reply = load(request["code"], signature, violations, builtins, types, torch,
+                             math, np)
             flush()
             send(reply)
         elif op == "call":
             n = int(request["n"])
-            payload = reader.read(8 * n)
-            if len(payload) != 8 * n:
+            names = [str(x) for x in request["inputs"]]
+            payload = reader.read(4 * n * len(names))
+            if len(payload) != 4 * n * len(names):
                 return 0
             if fn is None:
                 send({"ok": False, "reason": "protocol", "message": "no proposal loaded"})
                 continue
-            reply, data = evaluate(fn, n, payload, float(request["clip_eps"]), violations,
+            reply, data = evaluate(fn, signature[1], n, names, payload, request, violations,
                                    torch, np)
             flush()
             send(reply, data)
@@ -403,8 +412,9 @@ def flush():
 # -- loading and calling the proposal ------------------------------------------------------
 
 
-def load(code, violations, builtins, types, torch, math, np):
-    """Compile and run the proposal's top level; find its one function. -> (fn, reply)."""
+def load(code, signature, violations, builtins, types, torch, math, np):
+    """Compile and run the proposal's top level; find its one function, which must take the
+    parameters of ``signature`` (function name, parameter names). -> (fn, reply)."""
     import linecache
 
     try:
@@ -433,70 +443,109 @@ def load(code, violations, builtins, types, torch, math, np):
         return None, error("forbidden", violations[0])
     functions = [(k, v) for k, v in namespace.items()
                  if isinstance(v, types.FunctionType) and v.__code__.co_filename == FILENAME]
+    wanted, params = signature
+    k = len(params)
+    asked = f"{wanted}({', '.join(params)})"
     if len(functions) != 1:
-        found = ", ".join(k for k, _ in functions) or "none"
+        found = ", ".join(name for name, _ in functions) or "none"
         return None, error(
             "signature",
             f"the code must define exactly one top-level function, "
-            f"drift(ratio, advantage, clip_eps); found {len(functions)} ({found}). Put any "
+            f"{asked}; found {len(functions)} ({found}). Put any "
             f"helper inside that function.",
         )
     name, fn = functions[0]
     co = fn.__code__
-    params = list(co.co_varnames[:co.co_argcount + co.co_kwonlyargcount])
+    names = list(co.co_varnames[:co.co_argcount + co.co_kwonlyargcount])
     defaults = len(fn.__defaults__ or ())
     kw_defaults = len(fn.__kwdefaults__ or {})
-    listed = params + (["*args"] if co.co_flags & 0x04 else []) + (
+    listed = names + (["*args"] if co.co_flags & 0x04 else []) + (
         ["**kwargs"] if co.co_flags & 0x08 else [])
     shown = f"{name}({', '.join(listed)})"
     if co.co_flags & (0x20 | 0x80 | 0x200):
         return None, error("signature", f"{shown} is a generator or coroutine; it must be a "
                                         f"plain function returning a tensor")
-    ok = (co.co_argcount >= 3 and co.co_argcount - defaults <= 3
+    ok = (co.co_argcount >= k and co.co_argcount - defaults <= k
           and not co.co_flags & (0x04 | 0x08) and kw_defaults == co.co_kwonlyargcount)
     if not ok:
         return None, error(
             "signature",
-            f"the function must take exactly three parameters (ratio, advantage, clip_eps); "
+            f"the function must take exactly {count(k, 'parameter')} ({', '.join(params)}); "
             f"found {shown} with {co.co_argcount + co.co_kwonlyargcount} parameter(s)",
         )
-    return fn, {"ok": True, "function": name, "params": params[:3]}
+    return fn, {"ok": True, "function": name, "params": names[:k]}
 
 
-def evaluate(fn, n, payload, clip_eps, violations, torch, np):
-    """drift and d drift/d ratio for one request. -> (reply, payload)."""
-    ratio = np.frombuffer(payload, dtype="<f4", count=n).copy()
-    advantage = np.frombuffer(payload, dtype="<f4", count=n, offset=4 * n).copy()
+def count(k, noun):
+    """``count(3, "parameter")`` -> ``"three parameters"``."""
+    word = "no one two three four five six seven eight nine ten".split()[k] if k <= 10 else k
+    return f"{word} {noun}{'' if k == 1 else 's'}"
+
+
+def evaluate(fn, params, n, names, payload, request, violations, torch, np):
+    """One call: the outputs and the gradients of their sum in the inputs ``request``
+    names. -> (reply, payload)."""
+    constants = request.get("constants") or {}
+    wanted = [str(x) for x in request.get("grad") or ()]
+    k = int(request.get("outputs", 1))
+    given = set(names) | set(constants)
+    if (sorted(given) != sorted(params) or len(names) + len(constants) != len(params)
+            or not set(wanted) <= set(names) or k < 1
+            or any(type(v) not in (int, float) for v in constants.values())):
+        return error("protocol", f"a call must give each of {params} once as an input or a "
+                                 f"number constant and ask gradients of inputs only"), b""
+    arrays = {x: np.frombuffer(payload, dtype="<f4", count=n, offset=4 * n * i).copy()
+              for i, x in enumerate(names)}
+    like = f"{names[0]} ({n},)"
     try:
         with torch.enable_grad():
-            r = torch.from_numpy(ratio).requires_grad_(True)
-            a = torch.from_numpy(advantage)
-            out = fn(r, a, clip_eps)
-            if not isinstance(out, torch.Tensor):
-                return error("shape", f"the function must return a torch tensor shaped like "
-                                      f"ratio ({n},); it returned {type(out).__name__}"), b""
-            if tuple(out.shape) != (n,):
-                return error("shape", f"the function must return a tensor of the same shape "
-                                      f"as ratio, ({n},); it returned shape "
-                                      f"{tuple(out.shape)}"), b""
-            if out.is_complex():
-                return error("shape", "the function returned a complex tensor"), b""
-            if not out.is_floating_point():
-                out = out.float()
-            grad = None
-            if out.requires_grad:
-                (grad,) = torch.autograd.grad(out.sum(), r, allow_unused=True)
-            if grad is None:
-                grad = torch.zeros_like(r)
-        values = out.detach().to(torch.float32).reshape(-1).contiguous().numpy()
-        grads = grad.detach().to(torch.float32).reshape(-1).contiguous().numpy()
+            tensors = {x: torch.from_numpy(a) for x, a in arrays.items()}
+            for x in wanted:
+                tensors[x].requires_grad_(True)
+            args = [tensors[p] if p in tensors else constants[p] for p in params]
+            out = fn(*args)
+            if k == 1:
+                outs = [out]
+                if not isinstance(out, torch.Tensor):
+                    return error("shape", f"the function must return a torch tensor shaped "
+                                          f"like {like}; it returned "
+                                          f"{type(out).__name__}"), b""
+            elif (not isinstance(out, (tuple, list)) or len(out) != k
+                  or not all(isinstance(o, torch.Tensor) for o in out)):
+                return error("shape", f"the function must return a tuple of {k} torch "
+                                      f"tensors, each shaped like {like}; it returned "
+                                      f"{type(out).__name__}"), b""
+            else:
+                outs = list(out)
+            for i, o in enumerate(outs):
+                if tuple(o.shape) != (n,):
+                    what = "a tensor" if k == 1 else f"output {i}"
+                    return error("shape", f"the function must return {what} of the same "
+                                          f"shape as {names[0]}, ({n},); it returned shape "
+                                          f"{tuple(o.shape)}"), b""
+                if o.is_complex():
+                    return error("shape", "the function returned a complex tensor"), b""
+                if not o.is_floating_point():
+                    outs[i] = o.float()
+            grads = [None] * len(wanted)
+            live = [o for o in outs if o.requires_grad]
+            if wanted and live:
+                total = live[0].sum()
+                for o in live[1:]:
+                    total = total + o.sum()
+                grads = list(torch.autograd.grad(total, [tensors[x] for x in wanted],
+                                                 allow_unused=True))
+            grads = [torch.zeros_like(tensors[x]) if g is None else g
+                     for x, g in zip(wanted, grads)]
+        values = [t.detach().to(torch.float32).reshape(-1).contiguous().numpy()
+                  for t in outs + grads]
     except BaseException as e:  # noqa: BLE001 - whatever the proposal raised
-        return failure(e, violations, "the drift function raised an exception"), b""
+        return failure(e, violations, "the proposed function raised an exception"), b""
     if violations:
         return error("forbidden", violations[0]), b""
-    if values.size != n or grads.size != n:
-        return error("shape", f"expected {n} values, got {values.size}"), b""
-    data = values.astype("<f4").tobytes() + grads.astype("<f4").tobytes()
+    if any(v.size != n for v in values):
+        return error("shape", f"expected {n} values, got {[v.size for v in values]}"), b""
+    data = b"".join(v.astype("<f4").tobytes() for v in values)
     return {"ok": True, "n": n}, data
 
 

@@ -22,41 +22,18 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from metarl.families.base import Member
 
-class Drift(nn.Module):
+
+class Drift(Member):
     """Base class of the drift family."""
 
-    #: the name the member is addressed by (``ppo-clip``, ``dpo``, ``lpo``)
     name: str = "drift"
+    family = "drift"
 
     def forward(self, ratio: torch.Tensor, advantage: torch.Tensor,
                 clip_eps: float = 0.2) -> torch.Tensor:
         raise NotImplementedError
-
-    @property
-    def num_meta_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def flat_params(self) -> torch.Tensor:
-        """This member's parameters as one vector ``[n_params]`` (empty if handcrafted)."""
-        ps = [p.detach().reshape(-1) for p in self.parameters()]
-        return torch.cat(ps) if ps else torch.zeros(0)
-
-    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[..., n_params]`` -> ``{name: [..., *shape]}``."""
-        out, i = {}, 0
-        lead = flat.shape[:-1]
-        for name, p in self.named_parameters():
-            out[name] = flat[..., i:i + p.numel()].reshape(*lead, *p.shape)
-            i += p.numel()
-        return out
-
-    def load_flat(self, flat: torch.Tensor) -> Drift:
-        """Copy a flat vector ``[n_params]`` into this module's parameters."""
-        with torch.no_grad():
-            for name, t in self.unflatten(flat).items():
-                self.get_parameter(name).copy_(t)
-        return self
 
     def population(self, meta_params: torch.Tensor, ratio: torch.Tensor,
                    advantage: torch.Tensor, clip_eps: float = 0.2) -> torch.Tensor:
@@ -163,16 +140,17 @@ class SymbolicDrift(Drift):
     """A drift written as a formula over ``(log r, r - 1, A)`` (symbolic distillation).
 
     ``drift = relu(f(log r, r - 1, A))``; ``f`` is an expression tree
-    (:mod:`metarl.algorithms.expression`) with guarded division. The ``relu`` keeps the
+    (:mod:`metarl.expression`) with guarded division. The ``relu`` keeps the
     family's ``drift >= 0`` whatever the formula; being 0 at ``r = 1`` is checked (or
     repaired) when the formula is chosen. ``clip_eps`` is not an input of the formula.
     """
 
     name = "symbolic"
+    inputs = SYMBOLIC_INPUTS
 
     def __init__(self, tree):
         super().__init__()
-        from metarl.algorithms.expression import compile_tree
+        from metarl.expression import compile_tree
 
         self.tree = tree
         self.fn = compile_tree(tree, SYMBOLIC_INPUTS)
@@ -183,13 +161,13 @@ class SymbolicDrift(Drift):
     def formula(self) -> str:
         import sympy as sp
 
-        from metarl.algorithms.expression import to_sympy
+        from metarl.expression import to_sympy
 
         syms = {n: sp.Symbol(n) for n in SYMBOLIC_INPUTS}
         return f"drift = relu({sp.N(to_sympy(self.tree, syms), 6)})"
 
     def source(self) -> str:
-        from metarl.algorithms.expression import DIV_GUARD, to_source
+        from metarl.expression import DIV_GUARD, to_source
 
         body = to_source(self.tree, SYMBOLIC_INPUTS)
         lines = ["import torch", ""]

@@ -1,30 +1,14 @@
-"""Run untrusted drift-function source code in a sandboxed child process.
+"""One sandbox: untrusted source code of one function, loaded in an isolated child process.
 
-A language model proposes the source of a drift function (the regulariser of PPO's
-objective, see :mod:`metarl.algorithms.drift`). That code runs only in a child process;
-this process keeps the environments, the agents, the returns and the fitness, and asks the
-child for nothing but the drift and its derivative in ``ratio`` on tensors it sends.
+See :mod:`metarl.sandbox` for the API and docs/sandbox.md for what the isolation does and
+what it does not protect against.
 
-Public API:
-
-- :class:`SandboxLimits`: the child's limits (wall and CPU time, memory, processes, output,
-  open files).
-- :class:`ProposalError`: the proposal failed; ``reason`` is a short category and
-  ``message`` a text meant to be shown to the model that wrote the code.
-- :class:`SandboxError`: the sandbox itself failed (not the proposal's fault).
-- :class:`DriftSandbox`: one proposal in one child process; ``call(ratio, advantage,
-  clip_eps) -> (drift, grad)``.
-- :class:`SandboxedDrift`: a :class:`~metarl.algorithms.drift.Drift` backed by a started
-  sandbox, for :func:`metarl.inner.ppo.train`.
-- :func:`validate_drift`: the checks a proposal must pass before training.
-
-docs/sandbox.md says what the isolation does and what it does not protect against.
-
-How a child is made: a fork server (``_sandbox_child.py``, started once per parent process
-with an empty environment) imports torch once; each :meth:`DriftSandbox.start` has it fork a
-worker, which isolates itself (session, resource limits, network and mount namespaces, uid
-nobody, audit hook) before it reads the proposal. Replies come back as a JSON line plus raw
-float32 bytes; nothing the child sends is ever unpickled.
+How a child is made: a fork server (``child.py``, started once per parent process with an
+empty environment) imports torch once; each :meth:`Sandbox.start` has it fork a worker,
+which isolates itself (session, resource limits, network and mount namespaces, uid nobody,
+audit hook) before it reads the proposal. Requests carry named float32 inputs and number
+constants; replies come back as a JSON line plus raw float32 bytes; nothing the child sends
+is ever unpickled.
 """
 
 from __future__ import annotations
@@ -38,130 +22,86 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from metarl.meta._sandbox_forkserver import NOBODY, SandboxError, _fork_server, _ForkServer, _netns
+from metarl.sandbox.base import REASONS, ProposalError, SandboxError, SandboxLimits
+from metarl.sandbox.forkserver import NOBODY, _fork_server, _ForkServer, _netns
 
-__all__ = ["DriftSandbox", "ProposalError", "SandboxError", "SandboxLimits", "SandboxedDrift",
-           "validate_drift"]
+__all__ = ["CallResult", "Sandbox"]
 
-_MESSAGE_CHARS = 2000  # an error message's length, at most
 _OUTPUT_KEEP = 4096  # bytes of the child's output kept (the last ones)
 _FILE_BYTES = 64 << 20  # RLIMIT_FSIZE
 _MAX_CODE_CHARS = 200_000
 _MAX_HEADER = 1 << 16  # the longest JSON line accepted from a child
 _HEADROOM_MB = 256  # memory_mb must exceed the child's footprint after importing torch by this
 
-REASONS = ("syntax", "signature", "runtime", "timeout", "memory", "cpu", "output", "died",
-           "nan", "shape", "constraint", "forbidden", "protocol")
-
-
-# -- limits and errors ---------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
-class SandboxLimits:
-    """What one sandboxed child may use.
+class CallResult:
+    """What one :meth:`Sandbox.call` returns: ``outputs``, the function's output(s), and
+    ``grads``, input name -> d sum(outputs) / d input; float32 arrays of the inputs' shape."""
 
-    - ``wall_s``: the child's whole life, in seconds (enforced by the parent).
-    - ``call_timeout_s``: one request (one evaluation of the drift function).
-    - ``start_timeout_s``: loading the proposal: compiling it and running its top-level
-      code. The child's own set-up before that (fork, isolation) is bounded by
-      ``max(start_timeout_s, 30)`` and the fork server's one-time start (importing torch)
-      by ``max(start_timeout_s, 60)``.
-    - ``cpu_s``: CPU seconds (``RLIMIT_CPU``; SIGXCPU at the limit, SIGKILL 5 s later).
-    - ``memory_mb``: address space (``RLIMIT_AS``), including the ~1.1 GB that torch maps.
-    - ``nproc``: processes and threads of the sandbox's user (``RLIMIT_NPROC``).
-    - ``output_bytes``: stdout plus stderr; more and the child is killed.
-    - ``open_files``: file descriptors (``RLIMIT_NOFILE``).
-    """
+    outputs: tuple[np.ndarray, ...]
+    grads: dict[str, np.ndarray]
 
-    wall_s: float = 1800.0
-    call_timeout_s: float = 60.0
-    start_timeout_s: float = 60.0
-    cpu_s: int = 1800
-    memory_mb: int = 4096
-    nproc: int = 64
-    output_bytes: int = 1_000_000
-    open_files: int = 256
-
-    def __post_init__(self):
-        for name in ("wall_s", "call_timeout_s", "start_timeout_s"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
-                    math.isfinite(v) and v > 0):
-                raise ValueError(f"SandboxLimits.{name} must be a positive number of seconds, "
-                                 f"got {v!r}")
-        minimum = {"cpu_s": 1, "memory_mb": 512, "nproc": 1, "output_bytes": 1024,
-                   "open_files": 16}
-        for name, low in minimum.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"SandboxLimits.{name} must be an integer >= {low}, "
-                                 f"got {v!r}")
-
-
-class ProposalError(Exception):
-    """The proposed code failed: it does not compile, has the wrong shape, raised, ran out of
-    time or memory, did something forbidden, or broke a drift constraint.
-
-    ``reason`` is one of :data:`REASONS`; ``message`` says what happened in words meant for
-    the model that wrote the code (with the end of the child's traceback when there is one);
-    ``output`` is the end of what the child printed (at most a few KB).
-    """
-
-    def __init__(self, reason: str, message: str, output: str = ""):
-        if reason not in REASONS:
-            reason = "runtime"
-        message = _clip(str(message), _MESSAGE_CHARS)
-        super().__init__(message)
-        self.reason, self.message, self.output = reason, message, output
-
-    def __str__(self):
-        return f"[{self.reason}] {self.message}"
-
-
-def _clip(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters: its first line, then as much of its end."""
-    if len(text) <= limit:
-        return text
-    head = text.split("\n", 1)[0][: limit // 4]
-    return head + "\n[...]\n" + text[-(limit - len(head) - 7):]
+    @property
+    def output(self) -> np.ndarray:
+        """The output of a function with one output."""
+        if len(self.outputs) != 1:
+            raise ValueError(f"the call has {len(self.outputs)} outputs; use .outputs")
+        return self.outputs[0]
 
 
 # -- one sandbox ---------------------------------------------------------------------------
 
 
-class DriftSandbox:
-    """One proposal, loaded in one isolated child process.
+class Sandbox:
+    """One proposed function, loaded in one isolated child process.
 
-    Use as a context manager (or call :meth:`start` and :meth:`close`)::
+    ``code`` is the proposal's source; it must define exactly one top-level function that
+    takes the positional parameters ``params`` (the names the family's signature gives
+    them; the proposal may name them differently). ``function`` is the name the signature
+    asks for, used in messages. Use as a context manager (or call :meth:`start` and
+    :meth:`close`)::
 
-        with DriftSandbox(code) as sandbox:
-            drift, grad = sandbox.call(ratio, advantage, 0.2)
+        with Sandbox(code, "f", ("x", "y", "scale")) as sandbox:
+            res = sandbox.call({"x": x, "y": y}, {"scale": 0.5}, grad=("x",))
+            value, dvalue_dx = res.output, res.grads["x"]
 
     :meth:`start` raises :class:`ProposalError` if the code does not load (syntax, not
-    exactly one three-parameter function, top-level code that raises, loops, or does
-    something forbidden). After a start, ``isolation`` says what isolation the child got
-    (e.g. ``{"network": "namespace", "user": "nobody", ...}``) and ``function`` the name of
-    the proposal's function.
+    exactly one function of that many parameters, top-level code that raises, loops, or
+    does something forbidden). After a start, ``isolation`` says what isolation the child
+    got (e.g. ``{"network": "namespace", "user": "nobody", ...}``) and ``function`` the name
+    of the proposal's function.
 
     A call that raises inside the proposal or returns the wrong shape leaves the child
     running; anything else (timeout, death, output flood, forbidden action, broken
     protocol) kills it, and later calls raise the same :class:`ProposalError`.
     """
 
-    def __init__(self, code: str, limits: SandboxLimits | None = None):
+    def __init__(self, code: str, function: str, params: Sequence[str],
+                 limits: SandboxLimits | None = None):
         if not isinstance(code, str):
             raise TypeError(f"code must be a str of Python source, got {type(code).__name__}")
+        if not isinstance(function, str) or not function.isidentifier():
+            raise ValueError(f"function must be a function name, got {function!r}")
+        if isinstance(params, str) or not all(
+                isinstance(p, str) and p.isidentifier() for p in params):
+            raise ValueError(f"params must be a sequence of parameter names, got {params!r}")
+        params = tuple(params)
+        if not params or len(set(params)) != len(params):
+            raise ValueError(f"params must name at least one parameter, each once: {params}")
         if limits is None:
             limits = SandboxLimits()
         if not isinstance(limits, SandboxLimits):
             raise TypeError(f"limits must be a SandboxLimits, got {type(limits).__name__}")
         self.code, self.limits = code, limits
+        self.signature = f"{function}({', '.join(params)})"
+        self.params = params
         self.isolation: dict = {}
         self.function: str | None = None
         self.pid: int | None = None
@@ -184,7 +124,7 @@ class DriftSandbox:
 
     # ---- life cycle --------------------------------------------------------------------
 
-    def __enter__(self) -> DriftSandbox:
+    def __enter__(self) -> Sandbox:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -197,7 +137,7 @@ class DriftSandbox:
             pass
 
     def __repr__(self):
-        return f"DriftSandbox(state={self._state!r}, pid={self.pid}, function={self.function!r})"
+        return f"Sandbox(state={self._state!r}, pid={self.pid}, function={self.function!r})"
 
     @property
     def running(self) -> bool:
@@ -209,7 +149,7 @@ class DriftSandbox:
         with self._out_lock:
             return bytes(self._out).decode("utf-8", errors="replace")
 
-    def start(self) -> DriftSandbox:
+    def start(self) -> Sandbox:
         """Start the child and load the proposal; raises :class:`ProposalError` if it does
         not load (the sandbox is then closed)."""
         if self._state != "new":
@@ -261,7 +201,9 @@ class DriftSandbox:
             self._hello = True
             self._record_isolation(info["isolation"])
             deadline = time.monotonic() + limits.start_timeout_s
-            reply = self._request({"op": "load", "code": self.code}, deadline, "start")
+            function = self.signature.partition("(")[0]
+            reply = self._request({"op": "load", "code": self.code, "function": function,
+                                   "params": list(self.params)}, deadline, "start")
             if reply.get("ok") is not True:
                 raise self._fail_from(reply)
             if not isinstance(reply.get("function"), str):
@@ -296,41 +238,72 @@ class DriftSandbox:
 
     # ---- the one request ---------------------------------------------------------------
 
-    def call(self, ratio, advantage, clip_eps: float) -> tuple[np.ndarray, np.ndarray]:
-        """``drift(ratio, advantage, clip_eps)`` and its derivative in ``ratio``.
+    def call(self, inputs: Mapping[str, object],
+             constants: Mapping[str, float | int] | None = None, grad: Sequence[str] = (),
+             outputs: int = 1) -> CallResult:
+        """Call the proposed function once.
 
-        ``ratio`` and ``advantage``: arrays or tensors of one shape (any), sent as float32.
-        Returns two float32 arrays of that shape. Raises :class:`ProposalError`.
+        ``inputs``: parameter name -> array or tensor, all of one shape (any), sent as
+        float32; the function sees each as a flat float32 tensor of that many elements.
+        ``constants``: parameter name -> a finite float or an int. Together they give every
+        parameter of the signature exactly once; the function is called with them
+        positionally, in the signature's order. ``grad``: the inputs to differentiate
+        ``sum(outputs)`` in (torch autograd, in the child). ``outputs``: how many tensors
+        the function returns (one, or a tuple of that many), each with one value per
+        element. Returns float32 arrays of the inputs' shape. Raises
+        :class:`ProposalError`.
         """
-        r = _as_float32(ratio, "ratio")
-        a = _as_float32(advantage, "advantage")
-        if r.shape != a.shape:
-            raise ValueError(f"ratio and advantage must have one shape, got {r.shape} and "
-                             f"{a.shape}")
-        clip_eps = float(clip_eps)
-        if not math.isfinite(clip_eps):
-            raise ValueError(f"clip_eps must be finite, got {clip_eps}")
-        shape, n = r.shape, r.size
+        constants = dict(constants or {})
+        grad = tuple(grad)
+        names = list(inputs)
+        given = names + list(constants)
+        if sorted(given) != sorted(self.params):
+            raise ValueError(f"a call of {self.signature} gives each parameter once, as an "
+                             f"input or a constant; got inputs {names} and constants "
+                             f"{list(constants)}")
+        if not names:
+            raise ValueError("a call needs at least one input tensor")
+        if not set(grad) <= set(names) or len(set(grad)) != len(grad):
+            raise ValueError(f"grad {list(grad)} must name inputs ({names}), each once")
+        if isinstance(outputs, bool) or not isinstance(outputs, int) or outputs < 1:
+            raise ValueError(f"outputs must be a positive int, got {outputs!r}")
+        for k, v in constants.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"constant {k} must be a float or an int, got {v!r}")
+            constants[k] = int(v) if isinstance(v, (int, np.integer)) else float(v)
+            if not math.isfinite(constants[k]):
+                raise ValueError(f"{k} must be finite, got {v}")
+        arrays = [_as_float32(inputs[x], x) for x in names]
+        shape, n = arrays[0].shape, arrays[0].size
+        for x, a in zip(names, arrays):
+            if a.shape != shape:
+                raise ValueError(f"the inputs must have one shape, got {shape} for "
+                                 f"{names[0]} and {a.shape} for {x}")
+        k = outputs + len(grad)
         with self._lock:
             self._check_running()
             if n == 0:
-                return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-            deadline = time.monotonic() + self.limits.call_timeout_s
-            header = json.dumps({"op": "call", "n": n, "clip_eps": clip_eps}).encode()
-            self._send(header + b"\n" + r.tobytes() + a.tobytes(), deadline, "call")
-            reply = self._receive(deadline, "call")
-            if reply.get("ok") is not True:
-                raise self._fail_from(reply)
-            if reply.get("n") != n:
-                raise self._fail("protocol", f"the child announced {reply.get('n')!r} values "
-                                             f"for a request of {n}")
-            data = self._receive_exact(8 * n, deadline, "call")
-        values = np.frombuffer(data, dtype="<f4", count=2 * n)
-        if values.size != 2 * n:  # cannot happen after _receive_exact; kept as a guard
-            raise self._fail("protocol", "the child's reply has the wrong size")
-        drift = values[:n].astype(np.float32).reshape(shape)
-        grad = values[n:].astype(np.float32).reshape(shape)
-        return drift, grad
+                values = [np.zeros(shape, np.float32) for _ in range(k)]
+            else:
+                deadline = time.monotonic() + self.limits.call_timeout_s
+                header = json.dumps({"op": "call", "n": n, "inputs": names,
+                                     "constants": constants, "grad": list(grad),
+                                     "outputs": outputs}).encode()
+                self._send(header + b"\n" + b"".join(a.tobytes() for a in arrays), deadline,
+                           "call")
+                reply = self._receive(deadline, "call")
+                if reply.get("ok") is not True:
+                    raise self._fail_from(reply)
+                if reply.get("n") != n:
+                    raise self._fail("protocol", f"the child announced {reply.get('n')!r} "
+                                                 f"values for a request of {n}")
+                data = self._receive_exact(4 * k * n, deadline, "call")
+                flat = np.frombuffer(data, dtype="<f4", count=k * n)
+                if flat.size != k * n:  # cannot happen after _receive_exact; kept as a guard
+                    raise self._fail("protocol", "the child's reply has the wrong size")
+                values = [flat[i * n:(i + 1) * n].astype(np.float32).reshape(shape)
+                          for i in range(k)]
+        return CallResult(tuple(values[:outputs]), dict(zip(grad, values[outputs:])))
 
     # ---- internals ---------------------------------------------------------------------
 
@@ -515,7 +488,7 @@ class DriftSandbox:
                    f"{self.limits.start_timeout_s:g} s (is its top-level code a loop?); the "
                    f"sandbox was killed")
         else:
-            msg = (f"the drift function did not return within call_timeout_s="
+            msg = (f"the proposed function did not return within call_timeout_s="
                    f"{self.limits.call_timeout_s:g} s (an endless or very slow loop?); the "
                    f"sandbox was killed")
         return self._fail("timeout", msg)
@@ -575,8 +548,3 @@ def _as_float32(x, name: str) -> np.ndarray:
     if arr.dtype != np.float32:
         raise TypeError(f"{name} must be numeric")
     return arr
-
-
-# The drift member and the validation live in sandbox_drift.py; they are part of this
-# module's API.
-from metarl.meta.sandbox_drift import SandboxedDrift, validate_drift  # noqa: E402

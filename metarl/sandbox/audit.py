@@ -1,5 +1,5 @@
-"""The audit hook of a sandbox worker (see ``_sandbox_child.py``, which loads this file by
-path: like it, this file imports nothing from ``metarl``).
+"""The audit hook of a sandbox worker (see ``child.py``, which loads this file by path: like
+it, this file imports nothing from ``metarl``).
 
 The hook is the Python-level layer of the sandbox; the operating-system layer (uid, network
 and mount namespaces, resource limits) is the boundary that holds when it is bypassed.

@@ -1,0 +1,64 @@
+"""The optimiser family: the agent optimiser as a learned slot (OPEN and its variants).
+
+Members: ``adam`` and ``sgd`` (handcrafted, each with its per-environment learning rate,
+linearly annealed) and the learned ``open`` (recurrent), ``open-ff`` and
+``no-features``. The interface is in :mod:`metarl.families.optim.base`, the inputs of
+the learned members in :mod:`metarl.families.optim.features`, the networks and the update
+rule in :mod:`metarl.families.optim.learned`. In this family's slot PPO keeps its clip
+(the drift family's default) and the actor and critic gradients are clipped to a global
+norm of 0.5 separately before the optimiser.
+"""
+
+from __future__ import annotations
+
+from metarl.families.base import Family
+from metarl.families.optim.base import (
+    AgentLayout,
+    OptimMember,
+    PopulationOptimizer,
+    StepContext,
+    TensorInfo,
+)
+from metarl.families.optim.handcrafted import SGD, Adam, AdamUpdate, SGDUpdate
+from metarl.families.optim.learned import OPEN, OPENFF, LearnedMember, NoFeatures
+
+OPTIMIZERS = {"adam": Adam, "sgd": SGD, "open": OPEN, "open-ff": OPENFF,
+              "no-features": NoFeatures}
+LEARNED = ("open", "open-ff", "no-features")
+
+
+class OptimFamily(Family):
+    def initial_params(self, name: str, seed: int = 0):
+        member = self.make(name)
+        if isinstance(member, LearnedMember):
+            return member.initial_params(seed)
+        return member.flat_params()
+
+
+def _network(rep: dict) -> OptimMember:
+    return OPTIMIZERS[rep["member"]](**({"hidden": int(rep["hidden"])} if "hidden" in rep
+                                        else {}))
+
+
+FAMILY = OptimFamily(
+    name="optim",
+    slot="the agent optimiser (the per-parameter update of actor and critic)",
+    members=dict(OPTIMIZERS),
+    learned=LEARNED,
+    default="adam",
+    init_doc=("PyTorch's default layer initialisation (LayerNorm scale 1), seeded by the "
+              "meta-training seed: a random optimiser with updates of order 1e-3. A zero "
+              "network (the reference code's start) makes a zero update, so its first "
+              "generations learn nothing"),
+    refusals={
+        "distillation": "distilling learned optimisers is not built yet (OPEN-FF and "
+                        "No-Features on synthetic features, OPEN by unrolling, are planned)",
+        "symbolic": "symbolic distillation of optimisers is not built yet",
+        "proposal": "LLM proposal of optimisers is not built yet",
+    },
+    builders={"network": _network, "handcrafted": lambda rep: OPTIMIZERS[rep["member"]]()},
+)
+
+__all__ = ["FAMILY", "OPTIMIZERS", "LEARNED", "Adam", "SGD", "OPEN", "OPENFF", "NoFeatures",
+           "LearnedMember", "OptimMember", "PopulationOptimizer", "StepContext",
+           "AgentLayout", "TensorInfo", "AdamUpdate", "SGDUpdate"]

@@ -1,0 +1,84 @@
+"""The handcrafted members of the optimiser family: Adam and SGD.
+
+Both use the per-environment learning rate of the inner-loop configuration (``lr`` with
+``adam_b1``/``adam_b2``/``adam_eps`` for Adam, ``sgd_lr`` for SGD) unless one is given,
+annealed linearly to zero over the updates when ``anneal_lr`` is set (purejaxrl's
+schedule: the factor is ``1 - update / num_updates``, constant within an update).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from metarl.families.optim.base import OptimMember, PopulationOptimizer, StepContext
+
+
+class AdamUpdate(PopulationOptimizer):
+    """Adam (optax semantics: eps outside the square root) over flat ``[P, D]`` rows."""
+
+    def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-5,
+                 anneal: bool = True):
+        self.lr, self.b1, self.b2, self.eps, self.anneal = lr, b1, b2, eps, anneal
+
+    def init(self, params):
+        z = torch.zeros_like(params)
+        return {"m": z, "v": z.clone(), "count": torch.zeros((), dtype=torch.int64)}
+
+    @torch.no_grad()
+    def step(self, params, grads, state, ctx: StepContext):
+        state["count"] += 1
+        t = int(state["count"])
+        m, v = state["m"], state["v"]
+        m.lerp_(grads, 1.0 - self.b1)
+        v.mul_(self.b2).addcmul_(grads, grads, value=1.0 - self.b2)
+        lr = self.lr * (ctx.frac_remaining if self.anneal else 1.0)
+        bc1 = 1.0 - self.b1**t
+        bc2 = 1.0 - self.b2**t
+        denom = (v / bc2).sqrt_().add_(self.eps)
+        params.addcdiv_(m, denom, value=-lr / bc1)
+
+
+class SGDUpdate(PopulationOptimizer):
+    """Plain SGD with the learning rate annealed linearly to zero."""
+
+    def __init__(self, lr: float, anneal: bool = True):
+        self.lr, self.anneal = lr, anneal
+
+    @torch.no_grad()
+    def step(self, params, grads, state, ctx: StepContext):
+        lr = self.lr * (ctx.frac_remaining if self.anneal else 1.0)
+        params.add_(grads, alpha=-lr)
+
+
+class Adam(OptimMember):
+    """Adam with the environment's tuned learning rate and betas, linearly annealed."""
+
+    name = "adam"
+    lr_field = "lr"
+
+    def __init__(self, lr: float | None = None):
+        super().__init__()
+        self.lr = lr
+
+    def population(self, meta_params, layout, config, keys):
+        return AdamUpdate(self.lr or config.lr, config.adam_b1, config.adam_b2,
+                          config.adam_eps, config.anneal_lr)
+
+
+class SGD(OptimMember):
+    """SGD with the environment's tuned SGD learning rate (``sgd_lr``), linearly annealed."""
+
+    name = "sgd"
+    lr_field = "sgd_lr"
+
+    def __init__(self, lr: float | None = None):
+        super().__init__()
+        self.lr = lr
+
+    def population(self, meta_params, layout, config, keys):
+        lr = self.lr or config.sgd_lr
+        if not lr:
+            raise ValueError(
+                f"sgd: {config.env_id} has no tuned SGD learning rate; pass --sgd-lr "
+                f"(the paper's: CartPole-v1 2.5e-4, Ant 0.17, MinAtar 0.52-1.17)")
+        return SGDUpdate(lr, config.anneal_lr)

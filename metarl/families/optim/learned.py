@@ -1,0 +1,204 @@
+"""The learned members of the optimiser family: OPEN, OPEN-FF and No-Features.
+
+Each is a small network applied to every parameter of the agent independently (Goldie et
+al. 2024, "Can Learned Optimization Make Reinforcement Learning Less Difficult?"):
+
+- ``open-ff``: the 19 features of :mod:`metarl.families.optim.features` ->
+  Linear(16) -> LayerNorm -> ReLU -> Linear(16) -> LayerNorm -> ReLU -> Linear(3)
+  (707 meta-parameters);
+- ``open``: the same with a GRU cell (19 -> 8) first, whose hidden state is kept per
+  parameter across steps (1,227 meta-parameters);
+- ``no-features``: the 8 raw inputs (p, six momenta, g; RMS-normalised) -> the same MLP
+  with 2 outputs (514 meta-parameters).
+
+Update rule, with outputs ``o1, o2[, o3]`` and ``eps ~ N(0, 1)`` drawn per parameter::
+
+    u = o1 * 1e-3 * exp(o2 * 1e-3) + o3 * 1e-3 * eps * actor_mask
+    u = u - mean(u)            # over all of the agent's parameters, actor and critic
+    p = p - u
+
+The stochastic term acts on actor parameters only (a Gaussian policy's ``log_std``
+counts as actor); No-Features has no stochastic term. There is no learning rate: the
+network's output is the step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from metarl import rng
+from metarl.families.optim.base import OptimMember, PopulationOptimizer, StepContext
+from metarl.families.optim.features import (
+    DECAYS,
+    NUM_NO_FEATURES,
+    NUM_OPEN_FEATURES,
+    no_features,
+    open_features,
+    update_momenta,
+)
+from metarl.nets import batched_linear
+
+STEP_MULT = 1e-3
+EXP_MULT = 1e-3
+LN_EPS = 1e-5
+_S_NOISE = 0x0E9  # random stream of the stochastic term
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last dim with per-member affine ``[P, H]``; ``x [P, D, H]``."""
+    normed = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
+    return torch.addcmul(bias.unsqueeze(1), normed, weight.unsqueeze(1))
+
+
+def gru_cell(x: torch.Tensor, h: torch.Tensor, p: dict, prefix: str = "gru.") -> torch.Tensor:
+    """``torch.nn.GRUCell`` for a population: ``x [P, D, in]``, ``h [P, D, H]``."""
+    gi = batched_linear(x, p[prefix + "weight_ih"], p[prefix + "bias_ih"])
+    gh = batched_linear(h, p[prefix + "weight_hh"], p[prefix + "bias_hh"])
+    i_r, i_z, i_n = gi.chunk(3, dim=-1)
+    h_r, h_z, h_n = gh.chunk(3, dim=-1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return (1.0 - z) * n + z * h
+
+
+class LearnedMember(OptimMember):
+    """Base of the learned members: the per-parameter MLP head and the update rule."""
+
+    mean_centred = True
+    num_inputs = NUM_OPEN_FEATURES
+    num_outputs = 3
+    recurrent = False
+    gru_hidden = 8
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.hidden = hidden
+        width = self.gru_hidden if self.recurrent else self.num_inputs
+        if self.recurrent:
+            self.gru = nn.GRUCell(self.num_inputs, self.gru_hidden)
+        self.l1 = nn.Linear(width, hidden)
+        self.ln1 = nn.LayerNorm(hidden, eps=LN_EPS)
+        self.l2 = nn.Linear(hidden, hidden)
+        self.ln2 = nn.LayerNorm(hidden, eps=LN_EPS)
+        self.l3 = nn.Linear(hidden, self.num_outputs)
+
+    # -- the network, for a population of optimisers --------------------------------------
+
+    def head(self, p: dict, x: torch.Tensor) -> torch.Tensor:
+        """The MLP: ``x [P, D, width] -> [P, D, num_outputs]``."""
+        h = layer_norm(batched_linear(x, p["l1.weight"], p["l1.bias"]),
+                       p["ln1.weight"], p["ln1.bias"]).relu_()
+        h = layer_norm(batched_linear(h, p["l2.weight"], p["l2.bias"]),
+                       p["ln2.weight"], p["ln2.bias"]).relu_()
+        return batched_linear(h, p["l3.weight"], p["l3.bias"])
+
+    def inputs(self, params, grads, momenta, layout, ctx) -> torch.Tensor:
+        return open_features(params, grads, momenta, layout, ctx)
+
+    def outputs(self, p: dict, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """Network outputs ``[P, D, num_outputs]``; a recurrent member updates its state."""
+        if self.recurrent:
+            state["hidden"] = gru_cell(x, state["hidden"], p)
+            x = state["hidden"]
+        return self.head(p, x)
+
+    def forward(self, x: torch.Tensor, hidden: torch.Tensor | None = None):
+        """One optimiser (this module's own weights) on inputs ``[..., num_inputs]``:
+        the outputs ``[..., num_outputs]`` (and, when recurrent, the new hidden state)."""
+        if self.recurrent:
+            if hidden is None:
+                hidden = x.new_zeros(*x.shape[:-1], self.gru_hidden)
+            flat = self.gru(x.reshape(-1, x.shape[-1]), hidden.reshape(-1, self.gru_hidden))
+            hidden = flat.reshape(*x.shape[:-1], self.gru_hidden)
+            x = hidden
+        h = torch.relu(self.ln1(self.l1(x)))
+        h = torch.relu(self.ln2(self.l2(h)))
+        out = self.l3(h)
+        return (out, hidden) if self.recurrent else out
+
+    # -- the update rule -------------------------------------------------------------------
+
+    def update(self, out: torch.Tensor, actor_mask: torch.Tensor,
+               noise: torch.Tensor | None) -> torch.Tensor:
+        """The update ``u [P, D]`` from outputs ``[P, D, k]`` (before mean-centring)."""
+        u = out[..., 0] * STEP_MULT * torch.exp(out[..., 1] * EXP_MULT)
+        if self.num_outputs > 2 and noise is not None:
+            u = u + out[..., 2] * STEP_MULT * noise * actor_mask
+        return u
+
+    def population(self, meta_params, layout, config, keys):
+        return LearnedUpdate(self, meta_params, layout, keys)
+
+    def initial_params(self, seed: int = 0) -> torch.Tensor:
+        """PyTorch's default initialisation of every layer (LayerNorm scale 1, shift 0),
+        drawn from a generator seeded with ``seed``: a random optimiser whose updates are
+        of order 1e-3, from which evolution starts (see the optimiser family's docs)."""
+        g = torch.Generator().manual_seed(int(seed))
+        fresh = type(self)(self.hidden)
+        with torch.no_grad():
+            for name, p in fresh.named_parameters():
+                if name.startswith(("ln1", "ln2")):
+                    continue  # LayerNorm: weight 1, bias 0
+                fan_in = p.shape[-1] if p.dim() > 1 else (
+                    fresh.gru_hidden if name.startswith("gru") else
+                    fresh.get_parameter(name.replace("bias", "weight")).shape[-1])
+                bound = 1.0 / fan_in**0.5
+                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
+        return fresh.flat_params()
+
+
+class OPEN(LearnedMember):
+    """OPEN: a GRU (19 -> 8) over the features, kept per parameter, then the MLP head."""
+
+    name = "open"
+    recurrent = True
+
+
+class OPENFF(LearnedMember):
+    """OPEN-FF: OPEN without the GRU (a feed-forward MLP on the 19 features)."""
+
+    name = "open-ff"
+
+
+class NoFeatures(LearnedMember):
+    """No-Features: the MLP on 8 raw inputs (p, six momenta, g), 2 outputs, no noise."""
+
+    name = "no-features"
+    num_inputs = NUM_NO_FEATURES
+    num_outputs = 2
+
+    def inputs(self, params, grads, momenta, layout, ctx):
+        return no_features(params, grads, momenta, layout)
+
+
+class LearnedUpdate(PopulationOptimizer):
+    """A population of learned optimisers, one per row of ``meta_params [P, n]``."""
+
+    def __init__(self, member: LearnedMember, meta_params: torch.Tensor, layout, keys):
+        self.member, self.layout, self.keys = member, layout, keys
+        self.p = member.unflatten(meta_params)
+        self.needs_activations = member.num_inputs == NUM_OPEN_FEATURES
+
+    def init(self, params):
+        P, D = params.shape
+        state = {"momenta": params.new_zeros(P, D, len(DECAYS))}
+        if self.member.recurrent:
+            state["hidden"] = params.new_zeros(P, D, self.member.gru_hidden)
+        return state
+
+    @torch.no_grad()
+    def step(self, params, grads, state, ctx: StepContext):
+        update_momenta(state["momenta"], grads)
+        x = self.member.inputs(params, grads, state["momenta"], self.layout, ctx)
+        out = self.member.outputs(self.p, x, state)
+        noise = None
+        if self.member.num_outputs > 2:
+            k = rng.fold(self.keys, _S_NOISE, ctx.update, ctx.epoch, ctx.minibatch)
+            noise = rng.normal(k, (params.shape[1],))
+        u = self.member.update(out, self.layout.actor_mask, noise)
+        if self.member.mean_centred:
+            u = u - u.mean(dim=1, keepdim=True)
+        params.sub_(u)
