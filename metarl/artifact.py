@@ -78,6 +78,16 @@ class Artifact:
             return member, params
         return member, member.flat_params()
 
+    def check_config(self, config) -> None:
+        """Refuse a configuration the algorithm cannot train with (e.g. ``sgd`` without a
+        learning rate for the environment) without building it (no sandbox starts)."""
+        family = get_family(self.family)
+        name = self.representation.get("member")
+        if name in family.members and self.kind in ("network", "handcrafted"):
+            options = {"hidden": int(self.representation["hidden"])} \
+                if "hidden" in self.representation else {}
+            family.make(name, **options).check_config(config)
+
     def describe(self) -> str:
         rep = self.representation
         lines = [f"artifact: {self.name}", f"family: {self.family}",

@@ -88,7 +88,7 @@ class PPOConfig:
         return dataclasses.asdict(self)
 
 
-# The paper's per-environment settings (ALGORITHMS.md). Fields not named take the
+# The paper's per-environment settings (see the module docstring). Fields not named take the
 # dataclass defaults above (gamma 0.99, lambda 0.95, clip 0.2, vf 0.5, grad norm 0.5).
 ENV_DEFAULTS: dict[str, dict] = {
     "CartPole-v1": dict(num_envs=4, num_steps=128, total_timesteps=500_000, update_epochs=4,

@@ -21,7 +21,7 @@ import torch
 from metarl import __version__
 from metarl.artifact import load
 from metarl.inner.ppo import prepare_configs, train
-from metarl.logging import RunDir
+from metarl.logging import RunDir, refuse_other_run
 from metarl.train import parse_seeds
 
 
@@ -52,10 +52,10 @@ def tune_lr(config, member, params, seeds: list[int], factors=LR_FACTORS,
     final return on tuning seeds (``seeds`` shifted by 10,000, so the seeds that are
     reported were not used to choose it). A rate where any tuning seed failed or diverged
     is disqualified (its score is None). An algorithm without a learning rate (a learned
-    optimiser) returns ``(None, {})``."""
+    optimiser) returns ``(None, None)``."""
     name = lr_field(member)
     if name is None or getattr(config, name) is None:
-        return None, {}
+        return None, None
     tune_seeds = [s + TUNE_SEED_OFFSET for s in seeds]
     scores = {}
     for f in factors:
@@ -73,14 +73,17 @@ def tune_lr(config, member, params, seeds: list[int], factors=LR_FACTORS,
 
 def evaluate(algorithms: list[str], envs: list[str], seeds=8,
              meta_train_envs: list[str] | None = None, out: str | Path | None = None,
-             progress: bool = True, echo=print, tune_lr_factors=None, **overrides) -> dict:
+             progress: bool = True, echo=print, tune_lr_factors=None, overwrite: bool = False,
+             **overrides) -> dict:
     """Train every algorithm on every environment for every seed; write the run directory.
 
     ``meta_train_envs`` marks the in-distribution columns; by default it is read from the
     artifacts' provenance. ``overrides`` are inner-loop configuration fields.
     ``tune_lr_factors`` (e.g. :data:`LR_FACTORS`) tunes the agent learning rate per
     algorithm and environment first (:func:`tune_lr`), as the paper allows for LLM
-    proposals; the chosen rate is in the table and in ``results.json``.
+    proposals; the chosen rate is in the table and in ``results.json``. A directory
+    ``out`` that holds another run is refused unless ``overwrite`` (an evaluation is not
+    resumable: a caller that owns the directory, such as ``quickstart --resume``, redoes it).
     """
     if not algorithms:
         raise ValueError("name at least one algorithm: an artifact file or a member name "
@@ -92,6 +95,11 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
         if names.count(a.name) > 1:
             a.name = f"{a.name} ({spec})"
     configs = prepare_configs(envs, **overrides)
+    for a in arts:
+        for c in configs.values():
+            a.check_config(c)
+    if out is not None and not overwrite:
+        refuse_other_run(out)
     if meta_train_envs is None:
         meta_train_envs = sorted({e for a in arts
                                   for e in a.provenance.get("meta_train_envs", [])})
@@ -131,6 +139,7 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
                                        "in_distribution": env_id in meta_train_envs,
                                        "failed": int(res.failed.sum()),
                                        "lr": getattr(c, lr_name) if lr_name else None,
+                                       "lr_name": lr_name,
                                        "lr_scores": lr_scores}
                 curves[(art.name, env_id)] = (res.timesteps, res.curve)
                 run.log(algorithm=art.name, env=env_id, mean=mean, stderr=se,
@@ -172,7 +181,7 @@ def _cell(e: dict, tuned: bool = False) -> str:
     if e["normalized_mean"] is not None:
         s += f" ({e['normalized_mean']:.2f})"
     if tuned:
-        s += f" [lr {e['lr']:.2g}]" if e["lr"] is not None else " [no lr]"
+        s += f" [{e['lr_name']} {e['lr']:.2g}]" if e["lr"] is not None else " [no lr]"
     return s
 
 

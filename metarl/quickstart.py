@@ -35,4 +35,5 @@ def quickstart(out: str | Path = "runs/quickstart", resume: bool = False,
                    resume=resume and (out / "meta-train" / "checkpoint.pt").exists())
     echo("2/2 evaluating the best LPO against ppo-clip and dpo, 8 seeds each")
     return evaluate([str(out / "meta-train" / "best.pt"), "ppo-clip", "dpo"], EVAL_ENVS,
-                    seeds=8, out=out / "evaluate", progress=progress, echo=echo, **INNER)
+                    seeds=8, out=out / "evaluate", progress=progress, echo=echo,
+                    overwrite=resume, **INNER)

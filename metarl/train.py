@@ -13,7 +13,7 @@ from pathlib import Path
 from metarl import __version__
 from metarl.artifact import load
 from metarl.inner.ppo import TrainResult, prepare_configs, train
-from metarl.logging import RunDir
+from metarl.logging import RunDir, refuse_other_run
 
 
 def parse_seeds(seeds) -> list[int]:
@@ -68,6 +68,10 @@ def run_train(
     art = load(algorithm)
     seeds = parse_seeds(seeds)
     configs = prepare_configs(envs, **overrides)  # every check before any work starts
+    for c in configs.values():
+        art.check_config(c)
+    if out is not None:
+        refuse_other_run(out)
     run = RunDir(out or RunDir.default_path("train", art.name), append=False)
     run.write_config({
         "command": "train", "algorithm": algorithm, "seeds": seeds, "version": __version__,

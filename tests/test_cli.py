@@ -85,3 +85,28 @@ def test_parse_seeds():
     assert parse_seeds("8") == list(range(8))
     assert parse_seeds("3,5") == [3, 5]
     assert parse_seeds(2) == [0, 1]
+
+
+def test_train_and_evaluate_refuse_another_runs_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"command": "meta-train"}')
+    (out / "metrics.jsonl").write_text('{"generation": 0}\n')
+    assert main(["train", "--out", str(out), *TINY]) == 2
+    assert "already holds another run" in capsys.readouterr().err
+    assert main(["evaluate", "ppo-clip", "--out", str(out), *TINY]) == 2
+    assert "already holds another run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == '{"generation": 0}\n'
+
+
+def test_an_algorithm_that_cannot_train_is_refused_before_any_work(tmp_path, capsys):
+    """sgd on an environment without a tuned SGD rate, and OPEN without the fused forward
+    (dormancy needs it), fail before a run directory or an earlier row is written."""
+    out = tmp_path / "ev"
+    assert main(["evaluate", "ppo-clip", "sgd", "--envs", "Pendulum-v1", "--out", str(out),
+                 *TINY]) == 2
+    assert "no tuned SGD learning rate; pass --sgd-lr" in capsys.readouterr().err
+    assert main(["train", "--algorithm", "open", "--no-fused", "--out", str(out),
+                 *TINY]) == 2
+    assert "drop --no-fused" in capsys.readouterr().err
+    assert not out.exists()

@@ -116,7 +116,8 @@ def test_sigkill_mid_generation_then_resume_is_exact(tmp_path, algorithm, strate
     (["ppo-clip"], "cannot meta-train 'ppo-clip'"),
     (["adam"], "handcrafted member of the optim family"),
     (["opne-ff"], "unknown algorithm 'opne-ff'"),
-    (["open-ff", "--init", "ppo-clip"], "not a open-ff network"),
+    (["open-ff", "--init", "ppo-clip"], "starts from a network artifact of open-ff"),
+    (["lpo", "--init", "nothere.pt"], "--init nothere.pt: no artifact at 'nothere.pt'"),
     (["lpo", "--envs"], "--envs is empty"),
     (["lpo", "--envs", "CartPole-v7"], "unknown environment id 'CartPole-v7'"),
     (["lpo", "--envs", "CartPole-v1", "Pendulum-v1"], "no PPO reference return"),
@@ -152,7 +153,8 @@ def test_init_of_another_family_or_width_is_refused(tmp_path):
 
     save(network_artifact("open-ff", torch.zeros(707), {}), tmp_path / "opt.pt")
     save(network_artifact("lpo", torch.zeros(144), {}, hidden=16), tmp_path / "narrow.pt")
-    with pytest.raises(ValueError, match="network open-ff of the optim family, not a lpo"):
+    with pytest.raises(ValueError, match="network open-ff of the optim family; meta-training "
+                                         "lpo starts from a network artifact of lpo"):
         meta_train(tiny(init=str(tmp_path / "opt.pt")), out=tmp_path / "a", progress=False)
     with pytest.raises(ValueError, match=r"144 parameters \(width 16\).*default lpo with 1152"):
         meta_train(tiny(init=str(tmp_path / "narrow.pt")), out=tmp_path / "b",

@@ -60,6 +60,10 @@ class Member(nn.Module):
             i += p.numel()
         return out
 
+    def check_config(self, config) -> None:
+        """Refuse an inner-loop configuration this member cannot train with, before any
+        work starts (a ``ValueError`` saying what to change). Most members accept any."""
+
     def load_flat(self, flat: torch.Tensor) -> Member:
         """Copy a flat vector ``[n_params]`` into this module's parameters."""
         with torch.no_grad():

@@ -118,11 +118,15 @@ def initial_params(cfg: EvolveConfig) -> torch.Tensor:
         return torch.zeros(n)
     from metarl.artifact import load
 
-    art = load(cfg.init)
+    try:
+        art = load(cfg.init)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--init {cfg.init}: {e}") from None
     member = art.representation.get("member")
     if art.family != family.name or member != cfg.algorithm or art.kind != "network":
         raise ValueError(f"--init {cfg.init}: it holds a {art.kind} {member} of the "
-                         f"{art.family} family, not a {cfg.algorithm} network")
+                         f"{art.family} family; meta-training {cfg.algorithm} starts from "
+                         f"a network artifact of {cfg.algorithm} (or 'zeros')")
     params = torch.as_tensor(art.representation["params"], dtype=torch.float32).reshape(-1)
     if params.numel() != n:
         width = art.representation.get("hidden")

@@ -75,10 +75,12 @@ class SGD(OptimMember):
         super().__init__()
         self.lr = lr
 
-    def population(self, meta_params, layout, config, keys):
-        lr = self.lr or config.sgd_lr
-        if not lr:
+    def check_config(self, config) -> None:
+        if not (self.lr or config.sgd_lr):
             raise ValueError(
                 f"sgd: {config.env_id} has no tuned SGD learning rate; pass --sgd-lr "
                 f"(the paper's: CartPole-v1 2.5e-4, Ant 0.17, MinAtar 0.52-1.17)")
-        return SGDUpdate(lr, config.anneal_lr)
+
+    def population(self, meta_params, layout, config, keys):
+        self.check_config(config)
+        return SGDUpdate(self.lr or config.sgd_lr, config.anneal_lr)

@@ -84,6 +84,7 @@ class LearnedMember(OptimMember):
         self.l2 = nn.Linear(hidden, hidden)
         self.ln2 = nn.LayerNorm(hidden, eps=LN_EPS)
         self.l3 = nn.Linear(hidden, self.num_outputs)
+        self.reset_parameters(0)  # seeded, so that a member built by name is repeatable
 
     # -- the network, for a population of optimisers --------------------------------------
 
@@ -129,25 +130,38 @@ class LearnedMember(OptimMember):
             u = u + out[..., 2] * STEP_MULT * noise * actor_mask
         return u
 
+    def check_config(self, config) -> None:
+        if self.num_inputs == NUM_OPEN_FEATURES and not config.fused:
+            raise ValueError(f"{self.name} reads per-layer activations (dormancy), which "
+                             f"only the fused forward records; drop --no-fused")
+
     def population(self, meta_params, layout, config, keys):
+        self.check_config(config)
         return LearnedUpdate(self, meta_params, layout, keys)
 
-    def initial_params(self, seed: int = 0) -> torch.Tensor:
-        """PyTorch's default initialisation of every layer (LayerNorm scale 1, shift 0),
-        drawn from a generator seeded with ``seed``: a random optimiser whose updates are
-        of order 1e-3, from which evolution starts (see the optimiser family's docs)."""
+    def reset_parameters(self, seed: int = 0) -> LearnedMember:
+        """PyTorch's default initialisation of every layer, drawn from a generator seeded
+        with ``seed`` (not the global one): Linear weights and biases uniform in
+        ``+-1/sqrt(fan_in)``, GRU weights and biases uniform in ``+-1/sqrt(8)`` (its hidden
+        size), LayerNorm scale 1 and shift 0. Such a random optimiser moves each parameter
+        by a few 1e-4 per step, in directions unrelated to the gradient; evolution starts
+        from it (see the optimiser family's docs)."""
         g = torch.Generator().manual_seed(int(seed))
-        fresh = type(self)(self.hidden)
         with torch.no_grad():
-            for name, p in fresh.named_parameters():
+            for name, p in self.named_parameters():
                 if name.startswith(("ln1", "ln2")):
-                    continue  # LayerNorm: weight 1, bias 0
-                fan_in = p.shape[-1] if p.dim() > 1 else (
-                    fresh.gru_hidden if name.startswith("gru") else
-                    fresh.get_parameter(name.replace("bias", "weight")).shape[-1])
-                bound = 1.0 / fan_in**0.5
-                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
-        return fresh.flat_params()
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                    continue
+                if name.startswith("gru"):
+                    fan_in = self.gru_hidden
+                else:
+                    fan_in = self.get_parameter(name.replace("bias", "weight")).shape[-1]
+                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) / fan_in**0.5)
+        return self
+
+    def initial_params(self, seed: int = 0) -> torch.Tensor:
+        """The meta-parameters ``[n]`` of :meth:`reset_parameters` with ``seed``."""
+        return type(self)(self.hidden).reset_parameters(seed).flat_params()
 
 
 class OPEN(LearnedMember):
