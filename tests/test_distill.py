@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from metarl.artifact import Artifact, load, network_artifact, save
+from metarl.artifact import load, network_artifact, save
 from metarl.cli import main
 from metarl.families import get_family
 from metarl.families.drift import LPO, DriftGrid, drift_and_grad, teacher_module
@@ -106,13 +106,10 @@ def test_handcrafted_teacher_is_explained(name, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["adam", "open-ff artifact"])
-def test_optimiser_teacher_is_refused_by_its_family(name, tmp_path, capsys):
+def test_optimiser_teacher_is_refused_by_its_family(name, tmp_path, capsys,
+                                                     optimiser_teacher):
     """The optimiser family has no distillation yet: its own reason, before any work."""
-    teacher = name
-    if name == "open-ff artifact":
-        teacher = str(save(Artifact("optim", {"kind": "network", "member": "open-ff",
-                                              "params": torch.zeros(707)}, {}, "x"),
-                           tmp_path / "open-ff.pt"))
+    teacher = optimiser_teacher(name)
     reason = get_family("optim").refusals["distillation"]
     msg = "distillation is not available for the optim family: " + reason
     with pytest.raises(ValueError, match=re.escape(msg)):

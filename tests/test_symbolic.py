@@ -8,7 +8,7 @@ import pytest
 import sympy as sp
 import torch
 
-from metarl.artifact import Artifact, load, save, symbolic_artifact
+from metarl.artifact import load, save, symbolic_artifact
 from metarl.cli import main
 from metarl.expression import ExpressionError, check_tree, from_sympy, size, to_sympy
 from metarl.families import get_family
@@ -127,13 +127,10 @@ def test_constraint_at_r1_reject_and_repair():
 
 
 @pytest.mark.parametrize("name", ["adam", "open-ff artifact"])
-def test_optimiser_teacher_is_refused_by_its_family(name, tmp_path, capsys):
+def test_optimiser_teacher_is_refused_by_its_family(name, tmp_path, capsys,
+                                                     optimiser_teacher):
     """The optimiser family has no symbolic distillation yet: its reason, before any work."""
-    teacher = name
-    if name == "open-ff artifact":
-        teacher = str(save(Artifact("optim", {"kind": "network", "member": "open-ff",
-                                              "params": torch.zeros(707)}, {}, "x"),
-                           tmp_path / "open-ff.pt"))
+    teacher = optimiser_teacher(name)
     reason = get_family("optim").refusals["symbolic"]
     msg = "symbolic is not available for the optim family: " + reason
     with pytest.raises(ValueError, match=re.escape(msg)):
