@@ -253,3 +253,10 @@ def test_initial_params_are_seeded():
     assert torch.equal(a, OPTIM.initial_params("open-ff", 0)) and not torch.equal(a, b)
     p = make_member("open-ff").unflatten(a)
     assert torch.equal(p["ln1.weight"], torch.ones(16)) and p["l1.weight"].abs().max() < 0.25
+
+
+def test_a_learned_optimiser_by_name_is_repeatable(tiny_cartpole):
+    a = train(tiny_cartpole, "open-ff", seeds=[0])
+    b = train(tiny_cartpole, "open-ff", seeds=[0])
+    assert torch.equal(a.agent_params, b.agent_params)
+    torch.testing.assert_close(make_member("open").flat_params(), OPTIM.initial_params("open"))

@@ -47,9 +47,10 @@ FAMILY = OptimFamily(
     learned=LEARNED,
     default="adam",
     init_doc=("PyTorch's default layer initialisation (LayerNorm scale 1), seeded by the "
-              "meta-training seed: a random optimiser with updates of order 1e-3. A zero "
-              "network (the reference code's start) makes a zero update, so its first "
-              "generations learn nothing"),
+              "meta-training seed: a random optimiser that moves each parameter by a few "
+              "1e-4 per step, unrelated to the gradient. A zero network (the reference "
+              "code's start, `--init zeros`) makes a zero update, so its first generations "
+              "learn nothing"),
     refusals={
         "distillation": "distilling learned optimisers is not built yet (OPEN-FF and "
                         "No-Features on synthetic features, OPEN by unrolling, are planned)",
