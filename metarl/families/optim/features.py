@@ -49,30 +49,31 @@ def update_momenta(momenta: torch.Tensor, grads: torch.Tensor) -> None:
 
 
 def rms_normalise(x: torch.Tensor, layout: AgentLayout) -> torch.Tensor:
-    """``x [P, D, F]`` divided by its RMS over each tensor, per feature and member."""
+    """``x [P, D, F]`` divided by its RMS over each tensor, per feature and member
+    (in place when ``x`` is writable; returns it)."""
     P, D, F = x.shape
     sums = torch.zeros(P, len(layout.sizes), F, dtype=x.dtype, device=x.device)
     sums.index_add_(1, layout.segment, x * x)
-    mean_sq = sums / layout.counts.view(1, -1, 1)
-    return x * torch.rsqrt(RMS_EPS + mean_sq)[:, layout.segment]
+    scale = torch.rsqrt(sums.div_(layout.counts.view(1, -1, 1)).add_(RMS_EPS))
+    return x.mul_(scale[:, layout.segment])
 
 
 def open_features(params: torch.Tensor, grads: torch.Tensor, momenta: torch.Tensor,
                   layout: AgentLayout, ctx: StepContext) -> torch.Tensor:
     """OPEN's 19 inputs ``[P, D, 19]`` (see the module docstring for their order)."""
     P, D = params.shape
-    per_tensor = torch.cat([
-        params.unsqueeze(-1), torch.sign(momenta), torch.log(momenta.abs() + LOG_EPS),
-        torch.sign(grads).unsqueeze(-1), torch.log(grads.abs() + LOG_EPS).unsqueeze(-1),
-    ], dim=-1)
-    dormancy = layout.dormancy(ctx.activations, P)
-    extra = torch.stack([
-        torch.full_like(params, ctx.training_proportion),
-        layout.layer_proportion.expand(P, D),
-        torch.full_like(params, ctx.batch_proportion),
-        dormancy,
-    ], dim=-1)
-    return torch.cat([rms_normalise(per_tensor, layout), extra], dim=-1)
+    x = params.new_empty(P, D, NUM_OPEN_FEATURES)
+    x[..., 0] = params
+    torch.sign(momenta, out=x[..., 1:7])
+    torch.log(momenta.abs().add_(LOG_EPS), out=x[..., 7:13])
+    torch.sign(grads, out=x[..., 13])
+    torch.log(grads.abs().add_(LOG_EPS), out=x[..., 14])
+    rms_normalise(x[..., :15], layout)
+    x[..., 15] = ctx.training_proportion
+    x[..., 16] = layout.layer_proportion
+    x[..., 17] = ctx.batch_proportion
+    x[..., 18] = layout.dormancy(ctx.activations, P)
+    return x
 
 
 def no_features(params: torch.Tensor, grads: torch.Tensor, momenta: torch.Tensor,
