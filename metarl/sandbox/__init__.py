@@ -23,8 +23,9 @@ docs/sandbox.md says what the isolation does and what it does not protect agains
 
 Modules: :mod:`~metarl.sandbox.core` (the parent's side of one sandbox),
 :mod:`~metarl.sandbox.forkserver` (the parent's side of the fork server),
-``child.py`` (the fork server and the isolated workers; it imports nothing from metarl)
-and ``audit.py`` (the workers' audit hook).
+``child.py`` (the fork server and the workers; it imports nothing from metarl),
+``isolation.py`` (how a worker isolates itself) and ``audit.py`` (the workers' audit
+hook), both loaded by ``child.py`` by path.
 """
 
 from metarl.sandbox.base import REASONS, ProposalError, SandboxError, SandboxLimits
