@@ -165,6 +165,16 @@ def code_artifact(source: str, function: str, provenance: dict, name: str = "cod
                      "function": function}, _provenance(provenance), name)
 
 
+def default_data(teacher: str, method: str):
+    """The default synthetic-data options of ``method`` (``distillation``, ``symbolic``)
+    for the family of the artifact ``teacher``, or None when it cannot be read or its
+    family has no such method (the method's run then says why)."""
+    try:
+        return get_family(load(teacher).family).method(method).default_data()
+    except (ValueError, OSError):
+        return None
+
+
 def save(artifact: Artifact, path: str | os.PathLike) -> Path:
     """Write ``artifact`` to ``path`` atomically."""
     path = Path(path)

@@ -122,9 +122,9 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
                    "method": art.provenance.get("method", ""),
                    "find_env_steps": find_cost(art.provenance, "env_steps"),
                    "find_wall_time": find_cost(art.provenance, "wall_time"), "envs": {}}
+            lr_name = lr_field(member)
             for env_id, c in configs.items():
                 lr_scores = None
-                lr_name = lr_field(member)
                 if tune_lr_factors:
                     lr, lr_scores = tune_lr(c, member, params, seeds, tune_lr_factors)
                     if lr is not None:

@@ -54,7 +54,7 @@ from metarl.families.optim import (
     StepContext,
     TensorInfo,
 )
-from metarl.families.optim.features import DECAYS, NUM_OPEN_FEATURES
+from metarl.families.optim.features import DECAYS
 from metarl.families.optim.learned import LearnedMember, LearnedUpdate
 
 __all__ = ["LearnedOptimizer"]
@@ -237,7 +237,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._model_map = _model_map(model) if model is not None else None
         self._names = ({id(p): n for n, p in model.named_parameters()}
                        if model is not None else {})
-        if self.learned and self.member.num_inputs == NUM_OPEN_FEATURES:
+        if self.learned and self.member.reads_activations:
             if model is not None:
                 self._register_hooks(model)
             missing = []

@@ -60,6 +60,12 @@ class Member(nn.Module):
             i += p.numel()
         return out
 
+    def initial_params(self, seed: int = 0) -> torch.Tensor:
+        """The meta-parameters ``[n]`` evolution starts from: by default this module's own
+        (zeros for LPO, which is PPO; empty for handcrafted members). Members whose start
+        is random override it with a seeded draw."""
+        return self.flat_params()
+
     def check_config(self, config) -> None:
         """Refuse an inner-loop configuration this member cannot train with, before any
         work starts (a ``ValueError`` saying what to change). Most members accept any."""
@@ -91,8 +97,22 @@ class Family:
     methods: dict[str, Any] = field(default_factory=dict)
     #: method -> why this family does not support it
     refusals: dict[str, str] = field(default_factory=dict)
-    #: the member an artifact of a representation kind becomes: kind -> builder
+    #: the member an artifact of a representation kind becomes: kind -> builder. Every
+    #: family has ``network`` (the member by name, at the artifact's ``hidden`` width if
+    #: given) and ``handcrafted`` (the member by name); others (``symbolic``, ``code``) are
+    #: the family's own.
     builders: dict[str, Callable[..., Member]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.builders = {"network": self._network, "handcrafted": self._by_name,
+                         **self.builders}
+
+    def _by_name(self, rep: dict) -> Member:
+        return self.make(rep["member"])
+
+    def _network(self, rep: dict) -> Member:
+        options = {"hidden": int(rep["hidden"])} if "hidden" in rep else {}
+        return self.make(rep["member"], **options)
 
     # -- members ----------------------------------------------------------------------------
 
@@ -107,7 +127,7 @@ class Family:
 
     def initial_params(self, name: str, seed: int = 0) -> torch.Tensor:
         """The meta-parameters ``[n]`` evolution starts from (see ``init_doc``)."""
-        return self.make(name).flat_params()
+        return self.make(name).initial_params(seed)
 
     # -- methods ----------------------------------------------------------------------------
 

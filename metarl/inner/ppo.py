@@ -274,7 +274,8 @@ def train(
     t_start = time.perf_counter()
     check_config(config)
     member, drift, optimizer = resolve_slots(algorithm)
-    member.check_config(config)
+    drift.check_config(config)
+    optimizer.check_config(config)
     meta, seeds = resolve_population(member, meta_params, seeds)
     P, N = len(seeds), config.num_envs
     device = torch.device(config.device)

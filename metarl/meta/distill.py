@@ -64,22 +64,13 @@ class DistillConfig:
 
     def __post_init__(self):
         if self.grid is None:
-            self.grid = default_data(self.teacher, METHOD)
+            self.grid = art_mod.default_data(self.teacher, METHOD)
 
     def differences(self, saved: dict) -> list[str]:
         now = json.loads(json.dumps(asdict(self)))
         keys = [k for k in now if k != "wandb"]
         return [f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in keys
                 if saved.get(k) != now[k]]
-
-
-def default_data(teacher: str, method: str):
-    """The default data options of ``method`` for ``teacher``'s family, or None when the
-    teacher cannot be read or its family has no such method (the run then says why)."""
-    try:
-        return get_family(art_mod.load(teacher).family).method(method).default_data()
-    except (ValueError, OSError):
-        return None
 
 
 def check_distill_config(cfg: DistillConfig) -> None:

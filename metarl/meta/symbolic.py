@@ -85,16 +85,7 @@ class SymbolicConfig:
 
     def __post_init__(self):
         if self.grid is None:
-            self.grid = _default_data(self.teacher)
-
-
-def _default_data(teacher: str):
-    """The default data options of the teacher's family, or None when the teacher cannot be
-    read or its family has no symbolic distillation (the run then says why)."""
-    try:
-        return get_family(art_mod.load(teacher).family).method(METHOD).default_data()
-    except (ValueError, OSError):
-        return None
+            self.grid = art_mod.default_data(self.teacher, METHOD)
 
 
 def check_symbolic_config(cfg: SymbolicConfig) -> None:

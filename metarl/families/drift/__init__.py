@@ -36,12 +36,6 @@ from metarl.families.drift.proposal import PROPOSAL
 from metarl.families.drift.symbolic import DriftSymbolic
 
 
-def _network(rep: dict) -> Drift:
-    if rep["member"] == "lpo":
-        return LPO(hidden=int(rep.get("hidden", 128)))
-    return make_drift(rep["member"])
-
-
 def _symbolic(rep: dict) -> Drift:
     """A formula over (log r, r - 1, A); its inputs and tree are checked first."""
     from metarl.expression import check_tree
@@ -70,8 +64,7 @@ FAMILY = Family(
     learned=("lpo",),
     default="ppo-clip",
     init_doc="zero weights: an untrained LPO is PPO's clip (up to a 1e-4 offset)",
-    builders={"network": _network, "handcrafted": lambda rep: make_drift(rep["member"]),
-              "symbolic": _symbolic, "code": _code},
+    builders={"symbolic": _symbolic, "code": _code},
 )
 # Black-box distillation (metarl distill) and symbolic distillation (metarl symbolic).
 FAMILY.methods["distillation"] = DriftDistillation()

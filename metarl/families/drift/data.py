@@ -63,6 +63,15 @@ class DriftGrid:
         return r.reshape(-1).to(dtype), a.reshape(-1).to(dtype)
 
 
+def check_grid(grid, what: str) -> None:
+    """Refuse (``ValueError``) data options that are not a valid :class:`DriftGrid`;
+    ``what`` names the method whose data it is, for the message."""
+    if not isinstance(grid, DriftGrid):
+        raise ValueError(f"the drift family's {what} data is a DriftGrid, got "
+                         f"{type(grid).__name__}")
+    grid.check()
+
+
 #: symbolic regression's default: the same ranges, 64 x 64 points (its cost grows with them)
 SYMBOLIC_GRID = DriftGrid(log_ratio_step=1 / 16, adv_step=1 / 4)
 

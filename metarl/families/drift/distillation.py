@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metarl.families.drift.data import DriftGrid, drift_and_grad, teacher_module
+from metarl.families.drift.data import DriftGrid, check_grid, drift_and_grad, teacher_module
 from metarl.families.drift.members import LPO, Drift
 
 
@@ -76,10 +76,7 @@ class DriftDistillation:
     def check_data(self, grid: DriftGrid) -> None:
         """Refuse bad data options (``ValueError``): not a :class:`DriftGrid`, an empty
         grid, a step that is not positive, a value that is not finite, over 50M points."""
-        if not isinstance(grid, DriftGrid):
-            raise ValueError(f"the drift family's distillation data is a DriftGrid, got "
-                             f"{type(grid).__name__}")
-        grid.check()
+        check_grid(grid, "distillation")
 
     def inputs(self, grid: DriftGrid) -> tuple[torch.Tensor, torch.Tensor]:
         """The synthetic inputs, one row per point: ``(ratio [N], advantage [N])`` float32,

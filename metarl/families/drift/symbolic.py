@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from metarl.families.drift.data import SYMBOLIC_GRID, DriftGrid, teacher_module
+from metarl.families.drift.data import SYMBOLIC_GRID, DriftGrid, check_grid, teacher_module
 from metarl.families.drift.members import SYMBOLIC_INPUTS, SymbolicDrift
 
 
@@ -64,10 +64,7 @@ class DriftSymbolic:
 
     def check_data(self, grid: DriftGrid) -> None:
         """Refuse bad data options (``ValueError``), as :meth:`DriftGrid.check`."""
-        if not isinstance(grid, DriftGrid):
-            raise ValueError(f"the drift family's symbolic data is a DriftGrid, got "
-                             f"{type(grid).__name__}")
-        grid.check()
+        check_grid(grid, "symbolic")
 
     def check_teacher(self, artifact, name: str) -> None:
         """Every drift artifact can be a teacher (network, handcrafted, formula, code)."""

@@ -27,20 +27,7 @@ OPTIMIZERS = {"adam": Adam, "sgd": SGD, "open": OPEN, "open-ff": OPENFF,
 LEARNED = ("open", "open-ff", "no-features")
 
 
-class OptimFamily(Family):
-    def initial_params(self, name: str, seed: int = 0):
-        member = self.make(name)
-        if isinstance(member, LearnedMember):
-            return member.initial_params(seed)
-        return member.flat_params()
-
-
-def _network(rep: dict) -> OptimMember:
-    return OPTIMIZERS[rep["member"]](**({"hidden": int(rep["hidden"])} if "hidden" in rep
-                                        else {}))
-
-
-FAMILY = OptimFamily(
+FAMILY = Family(
     name="optim",
     slot="the agent optimiser (the per-parameter update of actor and critic)",
     members=dict(OPTIMIZERS),
@@ -57,7 +44,6 @@ FAMILY = OptimFamily(
         "symbolic": "symbolic distillation of optimisers is not built yet",
         "proposal": "LLM proposal of optimisers is not built yet",
     },
-    builders={"network": _network, "handcrafted": lambda rep: OPTIMIZERS[rep["member"]]()},
 )
 
 __all__ = ["FAMILY", "OPTIMIZERS", "LEARNED", "Adam", "SGD", "OPEN", "OPENFF", "NoFeatures",

@@ -82,5 +82,4 @@ class SGD(OptimMember):
                 f"(the paper's: CartPole-v1 2.5e-4, Ant 0.17, MinAtar 0.52-1.17)")
 
     def population(self, meta_params, layout, config, keys):
-        self.check_config(config)
         return SGDUpdate(self.lr or config.sgd_lr, config.anneal_lr)

@@ -69,6 +69,8 @@ class LearnedMember(OptimMember):
 
     mean_centred = True
     num_inputs = NUM_OPEN_FEATURES
+    #: reads per-layer activations (the dormancy feature)
+    reads_activations = True
     num_outputs = 3
     recurrent = False
     gru_hidden = 8
@@ -131,12 +133,11 @@ class LearnedMember(OptimMember):
         return u
 
     def check_config(self, config) -> None:
-        if self.num_inputs == NUM_OPEN_FEATURES and not config.fused:
+        if self.reads_activations and not config.fused:
             raise ValueError(f"{self.name} reads per-layer activations (dormancy), which "
                              f"only the fused forward records; drop --no-fused")
 
     def population(self, meta_params, layout, config, keys):
-        self.check_config(config)
         return LearnedUpdate(self, meta_params, layout, keys)
 
     def reset_parameters(self, seed: int = 0) -> LearnedMember:
@@ -182,6 +183,7 @@ class NoFeatures(LearnedMember):
 
     name = "no-features"
     num_inputs = NUM_NO_FEATURES
+    reads_activations = False
     num_outputs = 2
 
     def inputs(self, params, grads, momenta, layout, ctx):
@@ -194,7 +196,7 @@ class LearnedUpdate(PopulationOptimizer):
     def __init__(self, member: LearnedMember, meta_params: torch.Tensor, layout, keys):
         self.member, self.layout, self.keys = member, layout, keys
         self.p = member.unflatten(meta_params)
-        self.needs_activations = member.num_inputs == NUM_OPEN_FEATURES
+        self.needs_activations = member.reads_activations
 
     def init(self, params):
         P, D = params.shape
