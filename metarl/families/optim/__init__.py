@@ -46,6 +46,14 @@ FAMILY = Family(
     },
 )
 
+# -- the methods (each block registers one; a method without a block is refused) ----------
+
+# Black-box distillation (metarl distill).
+
+# Symbolic distillation (metarl symbolic).
+
+# LLM proposal (metarl propose).
+
 __all__ = ["FAMILY", "OPTIMIZERS", "LEARNED", "Adam", "SGD", "OPEN", "OPENFF", "NoFeatures",
            "LearnedMember", "OptimMember", "PopulationOptimizer", "StepContext",
            "AgentLayout", "TensorInfo", "AdamUpdate", "SGDUpdate"]
