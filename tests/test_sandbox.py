@@ -6,6 +6,7 @@ Every test starts real child processes. The fork server (which imports torch) st
 for the whole file; each sandbox after that costs a fork (~20 ms).
 """
 
+import fcntl
 import os
 import pickle
 import socket
@@ -19,7 +20,7 @@ import torch
 import metarl.inner.ppo as ppo
 from metarl.families.drift import PPOClip
 from metarl.families.drift.proposal import DriftSandbox, SandboxedDrift, validate_drift
-from metarl.sandbox import ProposalError, Sandbox, SandboxLimits
+from metarl.sandbox import ProposalError, Sandbox, SandboxLimits, core
 from metarl.sandbox import forkserver as sb
 
 ROOT = os.geteuid() == 0
@@ -530,3 +531,175 @@ def test_generic_signature_is_the_one_asked_for():
     with pytest.raises(TypeError, match="DriftSandbox"):
         with Sandbox("def g(a):\n    return a\n", "g", ("a",)) as other:
             SandboxedDrift(other)
+
+
+# -- large calls: the shared region and the pipes ------------------------------------------
+
+LARGE = src("""
+    def f(a, b, scale, c, d, e):
+        return a * b + c / (d * d + 1.0) - scale * e, torch.sqrt(torch.abs(a)) * e + d
+""")
+
+
+@pytest.fixture(params=["shared region", "pipes: too large for the region",
+                        "pipes: no region"])
+def transport(request, monkeypatch):
+    """Each way the values of a call can travel (the region is made at start)."""
+    if request.param == "pipes: too large for the region":
+        monkeypatch.setattr(core, "_SHARED_BYTES", 1 << 20)
+    elif request.param == "pipes: no region":
+        monkeypatch.setattr(core, "_SHARED_BYTES", 0)
+    return request.param
+
+
+def count_sent(box: Sandbox) -> list[int]:
+    """Record the bytes of each message the parent writes to the request pipe."""
+    sent, send = [], box._send
+
+    def counting(parts, deadline, phase):
+        sent.append(sum(memoryview(p).nbytes for p in parts))
+        return send(parts, deadline, phase)
+
+    box._send = counting
+    return sent
+
+
+def test_large_call_returns_exactly_the_in_process_numbers(transport):
+    shape, n = (500, 400), 200_000
+    gen = np.random.default_rng(1)
+
+    def in_process(x: dict, scale: float):
+        """The same function here: outputs and d sum(outputs) / d b, d."""
+        t = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in x.items()}
+        o1 = t["a"] * t["b"] + t["c"] / (t["d"] * t["d"] + 1.0) - scale * t["e"]
+        o2 = torch.sqrt(torch.abs(t["a"])) * t["e"] + t["d"]
+        gb, gd = torch.autograd.grad(o1.sum() + o2.sum(), [t["b"], t["d"]])
+        return [v.detach().numpy() for v in (o1, o2, gb, gd)]
+
+    with Sandbox(LARGE, "f", ("a", "b", "scale", "c", "d", "e")) as box:
+        sent = count_sent(box)
+        for scale in (0.37, -2.5):  # twice: nothing stale from the first call
+            x = {k: gen.normal(size=shape).astype(np.float32) for k in "abcde"}
+            before = {k: v.copy() for k, v in x.items()}
+            inputs = {k: x[k] for k in "ecadb"}  # in any order, tensors or arrays
+            inputs.update(a=torch.from_numpy(x["a"]), c=x["c"].astype(np.float64))
+            res = box.call(inputs, {"scale": scale}, grad=("d", "b"), outputs=2)
+            o1, o2, gb, gd = in_process(x, scale)
+            for got, want in zip(res.outputs + (res.grads["b"], res.grads["d"]),
+                                 (o1, o2, gb, gd)):
+                assert got.shape == shape and got.dtype == np.float32
+                np.testing.assert_array_equal(got, want)
+            assert sorted(res.grads) == ["b", "d"]
+            for k in x:
+                np.testing.assert_array_equal(x[k], before[k])  # the caller's arrays
+        if transport == "shared region":
+            assert box._shm is not None and max(sent[-2:]) < 4096  # only the JSON lines
+        else:
+            assert (box._shm is None) == (transport == "pipes: no region")
+            assert min(sent[-2:]) > 5 * 4 * n  # the JSON line and five inputs' values
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            allowed = ROOT or int(f.read()) >= core._PIPE_BYTES
+        if allowed:  # the pipes were enlarged
+            for fd in (box._req, box._rep):
+                assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) == core._PIPE_BYTES
+
+
+LARGE_FAILURES = {
+    # a reply line whose size is not the request's
+    "size mismatch": ("""
+        import os
+
+        def f(a, b):
+            os.write(4, b'{"ok": true, "n": 5}\\n')
+            return a
+    """, "protocol", "the child announced 5 values for a request of 200000"),
+    # the child ends as the request arrives: over the pipes, while the parent is still
+    # writing the values (the pipe holds 1 MiB of 1.6 MB). A shared call's request is one
+    # short line, which the worker may read before the thread looks: the function ends it.
+    "death during the request": ("""
+        import os
+        import select
+        import threading
+        import time
+
+        threading.Thread(target=lambda: select.select([3], [], []) and os._exit(3),
+                         daemon=True).start()
+
+        def f(a, b):
+            time.sleep(0.5)
+            os._exit(3)
+    """, "died", "exited during a call with status 3"),
+    # a well-formed reply line, then part of the values (none for a shared call, whose
+    # values are not on the pipe), then the end
+    "death during the reply": ("""
+        import os
+
+        def f(a, b):
+            os.write(4, b'{"ok": true, "n": 200000}\\n' + bytes(JUNK))
+            os._exit(3)
+    """, "died", "exited during a call with status 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(LARGE_FAILURES))
+def test_large_call_failures_are_the_right_proposal_error(transport, case):
+    code, reason, words = LARGE_FAILURES[case]
+    code = code.replace("JUNK", "0" if transport == "shared region" else "100_000")
+    x = np.ones(200_000, np.float32)
+    with Sandbox(src(code), "f", ("a", "b")) as box:
+        if case == "death during the reply" and transport == "shared region":
+            # The line is a whole reply to a shared call: it returns what the region holds;
+            # the death shows at the next call.
+            res = box.call({"a": x, "b": x})
+            assert res.output.shape == x.shape and res.output.dtype == np.float32
+        with pytest.raises(ProposalError) as info:
+            box.call({"a": x, "b": x})
+        assert not box.running
+    assert info.value.reason == reason and words in info.value.message, info.value
+
+
+def test_scribbling_on_the_shared_region_changes_only_its_own_outputs():
+    code = src("""
+        import os
+        import threading
+
+        calls = []
+
+        def f(a, b):
+            calls.append(len(calls))
+            size = os.fstat(5).st_size
+            tried = []
+            for new in (0, size // 2, 2 * size):  # shrinking would make the parent fault
+                try:
+                    os.ftruncate(5, new)
+                    tried.append(f"resized to {new}")
+                except OSError as e:
+                    tried.append(e.strerror)
+            if len(calls) == 1:
+                raise RuntimeError(f"{size} bytes: {tried}")
+            threading.Thread(target=lambda: [os.pwrite(5, bytes([i % 251]) * (1 << 20), at)
+                                             for i in range(10 ** 9)
+                                             for at in range(0, size, 1 << 20)],
+                             daemon=True).start()
+            return a * b
+    """)
+    n = 200_000
+    a = np.arange(n, dtype=np.float32)
+    with Sandbox(code, "f", ("a", "b")) as box:
+        with pytest.raises(ProposalError) as info:
+            box.call({"a": a, "b": a})
+        # the region can be neither shrunk nor grown (sealed; growing also meets
+        # RLIMIT_FSIZE), so the parent's mapping never faults
+        assert info.value.reason == "runtime" and box.running
+        assert (f"{core._SHARED_BYTES} bytes: ['Operation not permitted', "
+                f"'Operation not permitted', ") in info.value.message
+        assert "resized" not in info.value.message
+        assert box._shm.size() == core._SHARED_BYTES
+        results = [box.call({"a": a, "b": np.full(n, 2.0)}).output for _ in range(3)]
+        kept = [r.copy() for r in results]
+        time.sleep(0.1)  # the thread keeps writing over inputs and outputs alike
+        for r, k in zip(results, kept):  # what a call returned is the parent's own copy
+            assert r.shape == (n,) and r.dtype == np.float32
+            np.testing.assert_array_equal(r, k)
+        np.testing.assert_array_equal(a, np.arange(n, dtype=np.float32))
+        assert box.running

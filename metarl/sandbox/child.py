@@ -6,28 +6,37 @@ one end of an ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair. This file imports noth
 
 The **fork server** is trusted code. It imports torch once, warms it up, then waits for the
 parent's requests. Each request carries three pipe ends (requests in, replies out, stdout and
-stderr out) and the sandbox's settings; the server forks one **worker** per request and
-reports the worker's pid, and later its exit status and resource use.
+stderr out), optionally a fourth descriptor (the shared region: a sealed ``memfd`` of
+``spec["shared_bytes"]`` bytes that neither side can resize) and the sandbox's settings; the
+server forks one **worker** per request and reports the worker's pid, and later its exit
+status and resource use.
 
 A **worker** isolates itself, in this order, before any proposed code runs: its own session;
-only file descriptors 0 (``/dev/null``), 1 and 2 (the output pipe), 3 (requests) and 4
-(replies) left open; resource limits; ``no_new_privs``; new network and mount namespaces
-(as root), or a user plus network namespace (otherwise), when the kernel allows; private
-size-limited tmpfs mounts over the world-writable directories; an empty environment; when
-root, uid and gid 65534 (nobody) with no supplementary groups; and last an audit hook. It
-then reports what it achieved, loads the proposal and answers requests until its request
-pipe closes.
+only file descriptors 0 (``/dev/null``), 1 and 2 (the output pipe), 3 (requests), 4
+(replies) and, with a shared region, 5 (the region, mapped once; the mapping keeps its own
+duplicate of it) left open; resource limits; ``no_new_privs``; new network and mount
+namespaces (as root), or a user plus network namespace (otherwise), when the kernel allows;
+private size-limited tmpfs mounts over the world-writable directories; an empty
+environment; when root, uid and gid 65534 (nobody) with no supplementary groups; and last an
+audit hook. It then reports what it achieved, loads the proposal and answers requests until
+its request pipe closes.
 
-Protocol (both directions): one JSON line, then, for ``call``, raw little-endian float32
-bytes. Parent to worker: ``{"op": "load", "code": str, "function": name, "params":
-[names]}`` (the signature asked for: its positional parameters, in order);
-``{"op": "call", "n": N, "inputs": [names], "constants": {name: number}, "grad": [names],
-"outputs": K}`` + N float32 values per input, in the order of ``inputs``. Every parameter
-is one input (a float32 tensor of N elements) or one constant (a float or int); the
-function is called with them positionally. Worker to parent: ``{"hello": ...}`` once, then
-one reply per request: ``{"ok": true, ...}`` (+ for ``call``: the K outputs, then
-d sum(outputs) / d input for each input of ``grad``, N float32 values each) or
-``{"ok": false, "reason": str, "message": str}``. Nothing is ever pickled.
+Protocol (both directions): one JSON line, then, for a ``call`` that is not ``shared``, raw
+float32 values (little-endian, the byte order of both ends). Parent to worker: ``{"op":
+"load", "code": str, "function": name, "params": [names]}`` (the signature asked for: its
+positional parameters, in order); ``{"op": "call", "n": N, "inputs": [names], "constants":
+{name: number}, "grad": [names], "outputs": K, "shared": bool}``, with N float32 values per
+input in the order of ``inputs``. Every parameter is one input (a float32 tensor of N
+elements) or one constant (a float or int); the function is called with them positionally.
+Worker to parent: ``{"hello": ...}`` once, then one reply per request: ``{"ok": true, ...}``
+or ``{"ok": false, "reason": str, "message": str}``; a successful ``call`` returns the K
+outputs, then d sum(outputs) / d input for each input of ``grad``, N float32 values each.
+Where the values travel: with ``"shared": false``, right after the JSON line on the pipe
+(request and reply alike); with ``"shared": true`` (the parent's choice, when they fit) in
+the shared region, the M inputs at its start (input i at value offset i N) and the outputs
+and gradients right after them (from value offset M N), nothing on the pipe but the JSON
+lines. The inputs' tensors use the received memory as their storage (no copy). Nothing is
+ever pickled.
 """
 
 import os
@@ -36,8 +45,8 @@ import sys
 HARNESS = os.path.abspath(__file__)
 FILENAME = "<proposal>"
 
-# Pipe ends inside a worker.
-REQ_FD, REP_FD = 3, 4
+# Pipe ends inside a worker, and the shared region's descriptor when there is one.
+REQ_FD, REP_FD, SHM_FD = 3, 4, 5
 
 # The audit hook (audit.py) and the worker's isolation (isolation.py) live beside this
 # file, loaded by path (the child runs with -I, so its directory is not on sys.path).
@@ -115,8 +124,10 @@ def main():
                 if request.get("op") == "fork":
                     reply = {"id": request["id"]}
                     try:
-                        if len(fds) != 3:
-                            raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
+                        want = 4 if request["spec"].get("shared_bytes") else 3
+                        if len(fds) != want:
+                            raise ValueError(f"expected {want} file descriptors, got "
+                                             f"{len(fds)}")
                         sys.stdout.flush()
                         sys.stderr.flush()
                         pid = os.fork()
@@ -209,7 +220,7 @@ def _worker(spec, fds):
     import torch
 
     os.setsid()
-    reader, send = setup_fds(fds)
+    reader, send, shared = setup_fds(fds, spec.get("shared_bytes", 0))
     workdir = spec["workdir"]
     os.chdir(workdir)
     isolation = isolate(spec, workdir)
@@ -237,33 +248,51 @@ def _worker(spec, fds):
         elif op == "call":
             n = int(request["n"])
             names = [str(x) for x in request["inputs"]]
-            payload = reader.read(4 * n * len(names))
-            if len(payload) != 4 * n * len(names):
-                return 0
+            need = 4 * n * (len(names) + int(request.get("outputs", 1))
+                            + len(request.get("grad") or ()))
+            if request.get("shared") is True:
+                if shared is None or need > len(shared):
+                    send({"ok": False, "reason": "protocol",
+                          "message": f"a shared call of {need} bytes; the shared region "
+                                     f"holds {0 if shared is None else len(shared)}"})
+                    continue
+                buffer = shared
+            else:
+                buffer = bytearray(4 * n * len(names))
+                if reader.readinto(buffer) != len(buffer):
+                    return 0
             if fn is None:
                 send({"ok": False, "reason": "protocol", "message": "no proposal loaded"})
                 continue
-            reply, data = evaluate(fn, signature[1], n, names, payload, request, violations,
-                                   torch, np)
+            reply, parts = evaluate(fn, signature[1], n, names, buffer, buffer is shared,
+                                    request, violations, torch)
             flush()
-            send(reply, data)
+            send(reply, parts)
         else:
             send({"ok": False, "reason": "protocol", "message": f"unknown op {op!r}"})
 
 
-def setup_fds(fds):
-    """Keep only 0 (/dev/null), 1 and 2 (the output pipe), 3 (requests), 4 (replies)."""
+def setup_fds(fds, shared_bytes):
+    """Keep only 0 (/dev/null), 1 and 2 (the output pipe), 3 (requests), 4 (replies) and,
+    with a shared region (a fourth descriptor), 5. -> (reader of requests, send(obj,
+    parts=()), the shared region mapped or None)."""
     import fcntl
     import json
+    import mmap
 
-    req, rep, out = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds)
+    req, rep, out, *shm = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(out, 1)
     os.dup2(out, 2)
     os.dup2(req, REQ_FD)
     os.dup2(rep, REP_FD)
-    os.closerange(REP_FD + 1, max(os.sysconf("SC_OPEN_MAX"), 1024))
+    last = REP_FD
+    if shm:
+        os.dup2(shm[0], SHM_FD)
+        last = SHM_FD
+    os.closerange(last + 1, max(os.sysconf("SC_OPEN_MAX"), 1024))
+    shared = mmap.mmap(SHM_FD, shared_bytes) if shm else None
     for name, fd in (("stdout", 1), ("stderr", 2)):
         stream = open(fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
                       closefd=False)
@@ -272,12 +301,13 @@ def setup_fds(fds):
     reader = os.fdopen(REQ_FD, "rb", buffering=1 << 16)
     write = os.write
 
-    def send(obj, payload=b""):
-        view = memoryview(json.dumps(obj).encode() + b"\n" + payload)
-        while view:
-            view = view[write(REP_FD, view):]
+    def send(obj, parts=()):
+        """The JSON line, then each of ``parts`` (byte memoryviews), unjoined."""
+        for view in (memoryview(json.dumps(obj).encode() + b"\n"), *parts):
+            while view:
+                view = view[write(REP_FD, view):]
 
-    return reader, send
+    return reader, send, shared
 
 
 def flush():
@@ -361,9 +391,12 @@ def count(k, noun):
     return f"{word} {noun}{'' if k == 1 else 's'}"
 
 
-def evaluate(fn, params, n, names, payload, request, violations, torch, np):
+def evaluate(fn, params, n, names, buffer, shared, request, violations, torch):
     """One call: the outputs and the gradients of their sum in the inputs ``request``
-    names. -> (reply, payload)."""
+    names. Input i is the float32 values at value offset i n of ``buffer``, used as the
+    tensor's storage. With ``shared``, the results are written into ``buffer`` after the
+    inputs; otherwise they are returned as byte views to send after the reply line.
+    -> (reply, byte views)."""
     constants = request.get("constants") or {}
     wanted = [str(x) for x in request.get("grad") or ()]
     k = int(request.get("outputs", 1))
@@ -372,13 +405,12 @@ def evaluate(fn, params, n, names, payload, request, violations, torch, np):
             or not set(wanted) <= set(names) or k < 1
             or any(type(v) not in (int, float) for v in constants.values())):
         return error("protocol", f"a call must give each of {params} once as an input or a "
-                                 f"number constant and ask gradients of inputs only"), b""
-    arrays = {x: np.frombuffer(payload, dtype="<f4", count=n, offset=4 * n * i).copy()
-              for i, x in enumerate(names)}
+                                 f"number constant and ask gradients of inputs only"), []
     like = f"{names[0]} ({n},)"
     try:
         with torch.enable_grad():
-            tensors = {x: torch.from_numpy(a) for x, a in arrays.items()}
+            tensors = {x: torch.frombuffer(buffer, dtype=torch.float32, count=n,
+                                           offset=4 * n * i) for i, x in enumerate(names)}
             for x in wanted:
                 tensors[x].requires_grad_(True)
             args = [tensors[p] if p in tensors else constants[p] for p in params]
@@ -388,12 +420,12 @@ def evaluate(fn, params, n, names, payload, request, violations, torch, np):
                 if not isinstance(out, torch.Tensor):
                     return error("shape", f"the function must return a torch tensor shaped "
                                           f"like {like}; it returned "
-                                          f"{type(out).__name__}"), b""
+                                          f"{type(out).__name__}"), []
             elif (not isinstance(out, (tuple, list)) or len(out) != k
                   or not all(isinstance(o, torch.Tensor) for o in out)):
                 return error("shape", f"the function must return a tuple of {k} torch "
                                       f"tensors, each shaped like {like}; it returned "
-                                      f"{type(out).__name__}"), b""
+                                      f"{type(out).__name__}"), []
             else:
                 outs = list(out)
             for i, o in enumerate(outs):
@@ -401,9 +433,9 @@ def evaluate(fn, params, n, names, payload, request, violations, torch, np):
                     what = "a tensor" if k == 1 else f"output {i}"
                     return error("shape", f"the function must return {what} of the same "
                                           f"shape as {names[0]}, ({n},); it returned shape "
-                                          f"{tuple(o.shape)}"), b""
+                                          f"{tuple(o.shape)}"), []
                 if o.is_complex():
-                    return error("shape", "the function returned a complex tensor"), b""
+                    return error("shape", "the function returned a complex tensor"), []
                 if not o.is_floating_point():
                     outs[i] = o.float()
             grads = [None] * len(wanted)
@@ -416,16 +448,23 @@ def evaluate(fn, params, n, names, payload, request, violations, torch, np):
                                                  allow_unused=True))
             grads = [torch.zeros_like(tensors[x]) if g is None else g
                      for x, g in zip(wanted, grads)]
-        values = [t.detach().to(torch.float32).reshape(-1).contiguous().numpy()
-                  for t in outs + grads]
+        values = [t.detach().to(torch.float32).reshape(-1).contiguous() for t in outs + grads]
+        if any(v.numel() != n for v in values):
+            return error("shape", f"expected {n} values, got "
+                                  f"{[v.numel() for v in values]}"), []
+        if shared:
+            out = torch.frombuffer(buffer, dtype=torch.float32, count=len(values) * n,
+                                   offset=4 * n * len(names))
+            for i, v in enumerate(values):
+                out[i * n:(i + 1) * n] = v
+            parts = []
+        else:
+            parts = [memoryview(v.numpy()).cast("B") for v in values]
     except BaseException as e:  # noqa: BLE001 - whatever the proposal raised
-        return failure(e, violations, "the proposed function raised an exception"), b""
+        return failure(e, violations, "the proposed function raised an exception"), []
     if violations:
-        return error("forbidden", violations[0]), b""
-    if any(v.size != n for v in values):
-        return error("shape", f"expected {n} values, got {[v.size for v in values]}"), b""
-    data = b"".join(v.astype("<f4").tobytes() for v in values)
-    return {"ok": True, "n": n}, data
+        return error("forbidden", violations[0]), []
+    return {"ok": True, "n": n}, parts
 
 
 def error(reason, message, limit=6000):

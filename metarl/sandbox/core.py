@@ -7,14 +7,28 @@ How a child is made: a fork server (``child.py``, started once per parent proces
 empty environment) imports torch once; each :meth:`Sandbox.start` has it fork a worker,
 which isolates itself (session, resource limits, network and mount namespaces, uid nobody,
 audit hook) before it reads the proposal. Requests carry named float32 inputs and number
-constants; replies come back as a JSON line plus raw float32 bytes; nothing the child sends
+constants; replies come back as a JSON line plus raw float32 values; nothing the child sends
 is ever unpickled.
+
+The transport (see ``child.py`` for the messages): requests and replies are JSON lines on
+two pipes (enlarged to 1 MiB where the kernel allows). The float32 values of a call travel
+through a **shared region** when they fit: a ``memfd`` of ``_SHARED_BYTES`` bytes, created
+here, sealed against shrinking and growing (``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``,
+so no access of the parent's mapping can fault), handed to the worker at its fork and mapped
+by both. The parent writes the inputs at its start, the worker computes on them in place and
+writes the outputs and gradients right after them, then replies with a JSON line; the parent
+copies the outputs out once and only then checks and returns them, so a proposal that writes
+to the region at any other time can only change its own inputs or outputs. A call that does
+not fit (or a system without sealed memfds) sends the values over the pipes instead, written
+from the arrays' own memory and read into one preallocated array.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import mmap
 import os
 import select
 import shutil
@@ -38,6 +52,8 @@ _FILE_BYTES = 64 << 20  # RLIMIT_FSIZE
 _MAX_CODE_CHARS = 200_000
 _MAX_HEADER = 1 << 16  # the longest JSON line accepted from a child
 _HEADROOM_MB = 256  # memory_mb must exceed the child's footprint after importing torch by this
+_SHARED_BYTES = 64 << 20  # the shared region: inputs, outputs and gradients of a call that fit
+_PIPE_BYTES = 1 << 20  # the request and reply pipes' buffers, where the kernel allows
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,8 @@ class Sandbox:
         self._kill_lock = threading.Lock()
         self._req = self._rep = None
         self._rbuf = bytearray()
+        self._shm: mmap.mmap | None = None  # the shared region (None: pipes only)
+        self._shared: np.ndarray | None = None  # the region as float32 values
         self._out = bytearray()
         self._out_total = 0
         self._out_lock = threading.Lock()
@@ -177,16 +195,29 @@ class Sandbox:
             req_r, self._req = os.pipe()
             self._rep, rep_w = os.pipe()
             out_r, out_w = os.pipe()
+            for fd in (self._req, self._rep):
+                _grow_pipe(fd)
+            fds = [req_r, rep_w, out_w]
+            shm_fd = _shared_region(_SHARED_BYTES) if _SHARED_BYTES > 0 else None
+            if shm_fd is not None:
+                try:
+                    self._shm = mmap.mmap(shm_fd, _SHARED_BYTES)
+                except OSError:  # no room to map it here: the values go over the pipes
+                    os.close(shm_fd)
+                else:
+                    self._shared = np.frombuffer(self._shm, dtype=np.float32)
+                    fds.append(shm_fd)
             spec = {"workdir": self.workdir, "limits": asdict(limits),
                     "file_bytes": _FILE_BYTES, "uid": NOBODY if root else None,
-                    "gid": NOBODY if root else None}
+                    "gid": NOBODY if root else None,
+                    "shared_bytes": _SHARED_BYTES if self._shm is not None else 0}
             try:
-                self.pid = server.fork(spec, [req_r, rep_w, out_w], deadline)
+                self.pid = server.fork(spec, fds, deadline)
             except BaseException:
                 os.close(out_r)
                 raise
             finally:
-                for fd in (req_r, rep_w, out_w):
+                for fd in fds:
                     os.close(fd)
             self._wall_deadline = time.monotonic() + limits.wall_s
             os.set_blocking(self._req, False)
@@ -228,6 +259,13 @@ class Sandbox:
                 except OSError:
                     pass
         self._req = self._rep = None
+        self._shared = None
+        if self._shm is not None:
+            try:
+                self._shm.close()
+            except BufferError:  # a view still exists somewhere; unmapped when collected
+                pass
+            self._shm = None
         if self._drain is not None:
             self._drain.join(timeout=2.0)
         if self._server is not None and self.pid is not None:
@@ -280,29 +318,40 @@ class Sandbox:
                 raise ValueError(f"the inputs must have one shape, got {shape} for "
                                  f"{names[0]} and {a.shape} for {x}")
         k = outputs + len(grad)
+        m = len(arrays)
         with self._lock:
             self._check_running()
             if n == 0:
                 values = [np.zeros(shape, np.float32) for _ in range(k)]
             else:
                 deadline = time.monotonic() + self.limits.call_timeout_s
+                region = self._shared  # a local reference: close() cannot unmap it now
+                shared = region is not None and (m + k) * n <= region.size
                 header = json.dumps({"op": "call", "n": n, "inputs": names,
                                      "constants": constants, "grad": list(grad),
-                                     "outputs": outputs}).encode()
-                self._send(header + b"\n" + b"".join(a.tobytes() for a in arrays), deadline,
-                           "call")
+                                     "outputs": outputs, "shared": shared}).encode() + b"\n"
+                if shared:
+                    for i, a in enumerate(arrays):
+                        region[i * n:(i + 1) * n] = a.reshape(-1)
+                    self._send([header], deadline, "call")
+                else:
+                    self._send([header] + [memoryview(a).cast("B") for a in arrays],
+                               deadline, "call")
                 reply = self._receive(deadline, "call")
                 if reply.get("ok") is not True:
                     raise self._fail_from(reply)
                 if reply.get("n") != n:
                     raise self._fail("protocol", f"the child announced {reply.get('n')!r} "
                                                  f"values for a request of {n}")
-                data = self._receive_exact(4 * k * n, deadline, "call")
-                flat = np.frombuffer(data, dtype="<f4", count=k * n)
-                if flat.size != k * n:  # cannot happen after _receive_exact; kept as a guard
-                    raise self._fail("protocol", "the child's reply has the wrong size")
-                values = [flat[i * n:(i + 1) * n].astype(np.float32).reshape(shape)
-                          for i in range(k)]
+                if shared:  # one copy out: the child cannot change it afterwards
+                    if self._rbuf:
+                        raise self._fail("protocol", "the child sent bytes after its reply "
+                                                     "to a shared call")
+                    flat = region[m * n:(m + k) * n].copy()
+                else:
+                    flat = np.empty(k * n, np.float32)
+                    self._receive_into(memoryview(flat).cast("B"), deadline, "call")
+                values = [flat[i * n:(i + 1) * n].reshape(shape) for i in range(k)]
         return CallResult(tuple(values[:outputs]), dict(zip(grad, values[outputs:])))
 
     # ---- internals ---------------------------------------------------------------------
@@ -334,12 +383,13 @@ class Sandbox:
         self.isolation = iso
 
     def _request(self, obj: dict, deadline: float, phase: str) -> dict:
-        self._send(json.dumps(obj).encode() + b"\n", deadline, phase)
+        self._send([json.dumps(obj).encode() + b"\n"], deadline, phase)
         return self._receive(deadline, phase)
 
-    def _send(self, data: bytes, deadline: float, phase: str) -> None:
-        view = memoryview(data)
-        while view:
+    def _send(self, parts: list, deadline: float, phase: str) -> None:
+        """Write ``parts`` (bytes or byte memoryviews) in order, without joining them."""
+        views = [memoryview(p) for p in parts if len(p)]
+        while views:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self._timeout(phase)
@@ -348,11 +398,15 @@ class Sandbox:
                 raise self._death(phase)
             if writable:
                 try:
-                    view = view[os.write(self._req, view):]
+                    done = os.writev(self._req, views[:64])
                 except BlockingIOError:
                     continue
                 except (BrokenPipeError, OSError):
                     raise self._death(phase) from None
+                while views and done >= len(views[0]):
+                    done -= len(views.pop(0))
+                if done:
+                    views[0] = views[0][done:]
 
     def _read_some(self, deadline: float, phase: str) -> None:
         left = deadline - time.monotonic()
@@ -385,12 +439,24 @@ class Sandbox:
                                          "(did the proposal write to the sandbox's channel?)")
         return msg
 
-    def _receive_exact(self, size: int, deadline: float, phase: str) -> bytes:
-        while len(self._rbuf) < size:
-            self._read_some(deadline, phase)
-        data = bytes(self._rbuf[:size])
-        del self._rbuf[:size]
-        return data
+    def _receive_into(self, target: memoryview, deadline: float, phase: str) -> None:
+        """Fill ``target`` with exactly its size in bytes from the reply pipe: first what
+        is left over after the reply line, then straight from the pipe."""
+        got = min(len(self._rbuf), len(target))
+        target[:got] = self._rbuf[:got]
+        del self._rbuf[:got]
+        while got < len(target):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timeout(phase)
+            readable, _, _ = select.select([self._rep], [], [], min(left, 0.25))
+            if readable:
+                size = os.readv(self._rep, [target[got:]])
+                if not size:
+                    raise self._death(phase)
+                got += size
+            elif self._killed:
+                raise self._death(phase)
 
     def _drain_output(self, fd: int) -> None:
         """Keep the end of the child's output; kill it on a flood or at its wall time."""
@@ -539,6 +605,36 @@ class Sandbox:
         return self._fail("died", f"the sandbox process exited {where} with status {code} "
                                   f"(did the proposal call os._exit or close the sandbox's "
                                   f"pipes?)", with_output=True)
+
+
+def _grow_pipe(fd: int) -> None:
+    """Ask for a ``_PIPE_BYTES`` pipe buffer (fewer wake-ups per large message); the kernel
+    caps it at /proc/sys/fs/pipe-max-size for users without CAP_SYS_RESOURCE. Keeps the
+    default (64 KiB) where it refuses."""
+    for size in (_PIPE_BYTES, 1 << 18):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+            return
+        except (OSError, AttributeError):
+            continue
+
+
+def _shared_region(size: int) -> int | None:
+    """A new ``memfd`` of ``size`` bytes, sealed so that neither side can shrink or grow it
+    (or change the seals): a mapping of it then never faults. None where memfds or seals are
+    not available (the values then go over the pipes)."""
+    try:
+        fd = os.memfd_create("metarl-sandbox", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except (OSError, AttributeError):
+        return None
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except (OSError, AttributeError):
+        os.close(fd)
+        return None
+    return fd
 
 
 def _as_float32(x, name: str) -> np.ndarray:
