@@ -46,21 +46,66 @@ def _parse_count(text: str):
 
 
 def _grid_flags(p: argparse.ArgumentParser, d) -> None:
-    """Flags of a :class:`~metarl.families.drift.DriftGrid`, with ``d``'s values as defaults."""
-    g = p.add_argument_group("synthetic grid (log r = k * step; A from its range by step)")
-    g.add_argument("--log-ratio-range", nargs=2, type=float,
-                   default=(d.log_ratio_min, d.log_ratio_max), metavar=("MIN", "MAX"))
-    g.add_argument("--log-ratio-step", type=float, default=d.log_ratio_step)
-    g.add_argument("--adv-range", nargs=2, type=float, default=(d.adv_min, d.adv_max),
-                   metavar=("MIN", "MAX"))
-    g.add_argument("--adv-step", type=float, default=d.adv_step)
+    """The drift family's grid flags (a :class:`~metarl.families.drift.DriftGrid`, ``d``'s
+    values as the defaults shown), and ``--data KEY=VALUE`` for any family's options."""
+    g = p.add_argument_group(
+        "synthetic data: the drift family's grid (log r = k * step; A from its range by "
+        "step), or any family's options with --data")
+    g.add_argument("--log-ratio-range", nargs=2, type=float, default=None,
+                   metavar=("MIN", "MAX"), help=f"drift (default {d.log_ratio_min:g} "
+                                                f"{d.log_ratio_max:g})")
+    g.add_argument("--log-ratio-step", type=float, default=None,
+                   help=f"drift (default {d.log_ratio_step:g})")
+    g.add_argument("--adv-range", nargs=2, type=float, default=None, metavar=("MIN", "MAX"),
+                   help=f"drift (default {d.adv_min:g} {d.adv_max:g})")
+    g.add_argument("--adv-step", type=float, default=None,
+                   help=f"drift (default {d.adv_step:g})")
+    g.add_argument("--data", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="options of the teacher family's data, e.g. for an optimiser "
+                        "teacher batches_per_epoch=50 val_batches=4 unroll=100 (distill) "
+                        "or points=4096 (symbolic); a drift teacher takes the grid's "
+                        "fields (log_ratio_step=0.0625 ...)")
 
 
-def _grid(ns):
-    from metarl.families.drift import DriftGrid
+def _grid(ns, teacher: str, method: str):
+    """The data options of the command line: None (the family's default) when no data flag
+    is given; else the family's default with the given fields replaced."""
+    import dataclasses
 
-    return DriftGrid(ns.log_ratio_range[0], ns.log_ratio_range[1], ns.log_ratio_step,
-                     ns.adv_range[0], ns.adv_range[1], ns.adv_step)
+    from metarl.artifact import default_data
+
+    drift = {"log_ratio_range": ("log_ratio_min", "log_ratio_max"),
+             "log_ratio_step": ("log_ratio_step",), "adv_range": ("adv_min", "adv_max"),
+             "adv_step": ("adv_step",)}
+    given: dict = {}
+    for flag, keys in drift.items():
+        value = getattr(ns, flag)
+        if value is not None:
+            given.update(zip(keys, value if isinstance(value, (list, tuple)) else [value]))
+    for item in ns.data or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--data takes KEY=VALUE pairs, got {item!r}")
+        given[key.strip().replace("-", "_")] = value.strip()
+    if not given:
+        return None
+    base = default_data(teacher, method)
+    if base is None:
+        return None  # the teacher cannot be read, or has no such method: the run says why
+    known = {f.name: f for f in dataclasses.fields(base)}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"{type(base).__name__} (the {method} data of {teacher}) has no "
+                         f"option {', '.join(unknown)}; its options are "
+                         f"{', '.join(f'{k}={getattr(base, k)!r}' for k in known)}")
+    typed = {}
+    for k, v in given.items():
+        kind = type(getattr(base, k))
+        try:
+            typed[k] = kind(v)
+        except ValueError:
+            raise ValueError(f"--data {k}: expected {kind.__name__}, got {v!r}") from None
+    return dataclasses.replace(base, **typed)
 
 
 def _names() -> str:
@@ -148,8 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("teacher", help="a network artifact (e.g. best.pt of meta-train)")
     p.add_argument("--hidden", type=int, default=None,
                    help="student width (default: the teacher's, 128 for the paper's LPO)")
-    p.add_argument("--epochs", type=int, default=20, help="passes over the grid")
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--student", default=None,
+                   help="the student's member (default: the teacher's own; a recurrent "
+                        "open teacher may also be distilled into open-ff)")
+    p.add_argument("--epochs", type=int, default=20,
+                   help="passes over the grid (drift) or of batches_per_epoch fresh "
+                        "batches (optim)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: the family's (drift 4096 grid points, optim 2048 "
+                        "synthetic parameters)")
     p.add_argument("--lr-start", type=float, default=1e-4, help="Adam learning rate at start")
     p.add_argument("--lr-end", type=float, default=1e-5,
                    help="learning rate at the end (linear anneal, per step)")
@@ -165,16 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the run's Lightning checkpoint")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    p = sub.add_parser("symbolic", help="symbolic distillation of a drift into formulas",
+    p = sub.add_parser("symbolic", help="symbolic distillation of a drift or an optimiser "
+                       "into formulas",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("teacher", help="an artifact file or a handcrafted name (ppo-clip, dpo)")
+    p.add_argument("teacher", help="an artifact file or a handcrafted name (ppo-clip, dpo); "
+                   "an open-ff or no-features network")
     p.add_argument("--backend", default="gplearn", choices=["gplearn", "pysr"],
                    help="gplearn is pure Python; pysr needs a Julia installation")
     p.add_argument("--at-one", default="reject", choices=["reject", "repair"],
                    help="a formula not 0 at r = 1: never choose it (reject, the paper's), "
                         "or subtract its value at r = 1 (repair)")
-    p.add_argument("--max-size", type=int, default=40, help="largest formula, in nodes")
-    p.add_argument("--max-depth", type=int, default=8)
+    p.add_argument("--max-size", type=int, default=None,
+                   help="largest formula, in nodes (default: the family's, drift 40, "
+                        "optim 60)")
+    p.add_argument("--max-depth", type=int, default=None,
+                   help="deepest formula (default: the family's, drift 8, optim 9)")
     p.add_argument("--population", type=int, default=1000)
     p.add_argument("--generations", type=int, default=20)
     p.add_argument("--parsimony", type=float, default=0.001,
@@ -266,7 +323,8 @@ def cmd_evaluate(ns) -> int:
 def cmd_distill(ns) -> int:
     from metarl.meta.distill import DistillConfig, distill
 
-    cfg = DistillConfig(teacher=ns.teacher, hidden=ns.hidden, grid=_grid(ns), epochs=ns.epochs,
+    cfg = DistillConfig(teacher=ns.teacher, hidden=ns.hidden, student=ns.student,
+                        grid=_grid(ns, ns.teacher, "distillation"), epochs=ns.epochs,
                         batch_size=ns.batch_size, lr_start=ns.lr_start, lr_end=ns.lr_end,
                         holdout=ns.holdout, init_scale=ns.init_scale, seed=ns.seed,
                         wandb=ns.wandb)
@@ -278,7 +336,8 @@ def cmd_symbolic(ns) -> int:
     from metarl.meta.symbolic import SymbolicConfig, symbolic_distill
 
     cfg = SymbolicConfig(teacher=ns.teacher, backend=ns.backend, at_one=ns.at_one,
-                         grid=_grid(ns), max_size=ns.max_size, max_depth=ns.max_depth,
+                         grid=_grid(ns, ns.teacher, "symbolic"), max_size=ns.max_size,
+                         max_depth=ns.max_depth,
                          population=ns.population, generations=ns.generations,
                          parsimony=ns.parsimony, seed=ns.seed)
     results = symbolic_distill(cfg, out=ns.out)

@@ -88,8 +88,8 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
     if not algorithms:
         raise ValueError("name at least one algorithm: an artifact file or a member name "
                          "(ppo-clip, dpo, lpo, adam, sgd, ...)")
-    seeds = parse_seeds(seeds)
     arts = [load(a) for a in algorithms]  # fails early on unreadable artifacts
+    seeds, seed_note = choose_seeds(seeds, arts)
     names = [a.name for a in arts]
     for a, spec in zip(arts, algorithms):  # two best.pt of different runs: tell them apart
         if names.count(a.name) > 1:
@@ -109,7 +109,8 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
     default = RunDir.default_path("evaluate", "-".join(a.name for a in arts)[:60])
     run = RunDir(out or default, append=False)
     run.write_config({"command": "evaluate", "version": __version__, "algorithms": algorithms,
-                      "envs": envs, "seeds": seeds, "meta_train_envs": meta_train_envs,
+                      "envs": envs, "seeds": seeds, "seed_note": seed_note,
+                      "meta_train_envs": meta_train_envs,
                       "inner": {e: c.to_dict() for e, c in configs.items()}})
     rows, curves, closers = [], {}, []
     t0 = time.perf_counter()
@@ -120,6 +121,7 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
             row = {"algorithm": art.name, "source": spec, "kind": art.kind,
                    "family": art.family,
                    "method": art.provenance.get("method", ""),
+                   "found_by": method_label(art.provenance, art.kind),
                    "find_env_steps": find_cost(art.provenance, "env_steps"),
                    "find_wall_time": find_cost(art.provenance, "wall_time"), "envs": {}}
             lr_name = lr_field(member)
@@ -145,13 +147,13 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
                 run.log(algorithm=art.name, env=env_id, mean=mean, stderr=se,
                         final_return=res.final_return)
             rows.append(row)
-        table = _markdown(rows, in_dist, general, tuned=tune_lr_factors)
+        table = _markdown(rows, in_dist, general, tuned=tune_lr_factors, seed_note=seed_note)
         run.write_summary(f"# metarl evaluate\n\nseeds {seeds}; meta-training environments: "
                           f"{', '.join(meta_train_envs) or 'none'}\n\n{table}\n")
         (run.path / "table.md").write_text(table + "\n")
         _csv(run.path / "table.csv", rows)
         _plot(run.path / "curves.png", curves, envs)
-        results = {"algorithms": rows, "envs": envs, "seeds": seeds,
+        results = {"algorithms": rows, "envs": envs, "seeds": seeds, "seed_note": seed_note,
                    "meta_train_envs": meta_train_envs,
                    "wall_time": time.perf_counter() - t0}
         run.write_results(results)
@@ -164,6 +166,58 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
     echo(f"\nrun directory: {run.path}")
     results["out"] = str(run.path)
     return results
+
+
+def selection_seeds(provenance: dict) -> set[int]:
+    """The inner-loop seeds an algorithm was *selected* on (its fitness was measured there
+    and the best kept): ``selection_seeds`` of its provenance, or for a proposal saved
+    before that field existed, seeds ``0..seeds-1``. Empty when unknown or none."""
+    chosen = provenance.get("selection_seeds")
+    if chosen is None and provenance.get("method") == "propose" \
+            and isinstance(provenance.get("seeds"), int):
+        chosen = range(provenance["seeds"])
+    return {int(s) for s in chosen or ()}
+
+
+def _span(seeds) -> str:
+    seeds = sorted(seeds)
+    if seeds and seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(str(s) for s in seeds)
+
+
+def choose_seeds(seeds, arts) -> tuple[list[int], str]:
+    """The evaluation seeds and a sentence saying which they are.
+
+    A count (``8``) gives the smallest seeds that no evaluated algorithm was selected on
+    (:func:`selection_seeds`), so that an in-distribution figure is never measured on the
+    seeds that chose the algorithm: with a proposal selected on seeds 0-7, the count 8
+    gives seeds 8-15. Explicit seeds (``"0,1,2"``) are used as given, and the sentence
+    names every algorithm that was selected on some of them."""
+    selected = {a.name: selection_seeds(a.provenance) for a in arts}
+    used = set().union(*selected.values()) if selected else set()
+    explicit = not (isinstance(seeds, int) or (isinstance(seeds, str) and "," not in seeds))
+    if explicit:
+        seeds = parse_seeds(seeds)
+    else:
+        count = len(parse_seeds(seeds))
+        seeds, s = [], 0
+        while len(seeds) < count:
+            if s not in used:
+                seeds.append(s)
+            s += 1
+    note = f"Seeds {_span(seeds)}."
+    overlap = {n: set(seeds) & sel for n, sel in selected.items() if set(seeds) & sel}
+    left_out = {n: sel for n, sel in selected.items() if sel and sel & set(range(max(seeds)))}
+    if overlap:
+        note += " Warning: " + "; ".join(
+            f"{n} was selected on seeds {_span(o)}" for n, o in overlap.items()) + \
+            ", so its figures there are not held out."
+    elif left_out and not explicit:
+        note += " Left out: " + "; ".join(
+            f"seeds {_span(sel)}, on which {n} was selected" for n, sel in left_out.items()
+        ) + "."
+    return seeds, note
 
 
 def find_cost(provenance: dict, key: str):
@@ -185,15 +239,41 @@ def _cell(e: dict, tuned: bool = False) -> str:
     return s
 
 
-def _markdown(rows, in_dist, general, tuned=None) -> str:
+def method_label(provenance: dict, kind: str) -> str:
+    """How an algorithm was found, in a few words: ``handcrafted``, ``ES (openai-es)``,
+    ``distilled from ES``, ``symbolic (gplearn) of ES``, ``LLM proposal``; a learned
+    member by name (its initial meta-parameters, found by nothing) is ``handcrafted``."""
+    method = provenance.get("method", "")
+    if not method:
+        return "handcrafted" if kind == "handcrafted" else kind
+    labels = {"evolve": "ES", "propose": "LLM proposal", "distill": "distilled"}
+    if method == "evolve":
+        strategy = provenance.get("strategy")
+        name = strategy.get("strategy") if isinstance(strategy, dict) else strategy
+        label = f"ES ({name})" if name else "ES"
+    elif method.startswith("symbolic-"):
+        label = f"symbolic ({method.split('-', 1)[1]})"
+    else:
+        label = labels.get(method, method)
+    teacher = provenance.get("teacher_provenance")
+    if isinstance(teacher, dict):
+        joiner = " from " if method == "distill" else " of "
+        label += joiner + method_label(teacher, "network").split(" (")[0]
+    return label
+
+
+def _markdown(rows, in_dist, general, tuned=None, seed_note: str = "") -> str:
     cols = [f"{e} (in dist.)" for e in in_dist] + [f"{e} (generalisation)" for e in general]
-    head = "| algorithm | " + " | ".join(cols) + " | env steps to find | time to find |"
-    lines = [head, "|---|" + "---:|" * (len(cols) + 2)]
+    head = ("| algorithm | found by | " + " | ".join(cols)
+            + " | env steps to find | time to find |")
+    lines = [head, "|---|---|" + "---:|" * (len(cols) + 2)]
     for r in rows:
         cells = [_cell(r["envs"][e], bool(tuned)) for e in in_dist + general]
-        lines.append(f"| {r['algorithm']} | " + " | ".join(cells)
+        lines.append(f"| {r['algorithm']} | {r['found_by']} | " + " | ".join(cells)
                      + f" | {r['find_env_steps']:,} | {r['find_wall_time']:.0f} s |")
     lines.append("")
+    if seed_note:
+        lines.append(seed_note)
     lines.append("Final return, mean ± standard error over seeds; in parentheses, divided by the "
                  "environment's PPO reference return. The cost to find a distilled algorithm "
                  "includes its teacher's.")

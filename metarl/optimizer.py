@@ -2,7 +2,7 @@
 
 The optimiser family (:mod:`metarl.families.optim`) updates flat ``[P, D]`` rows of agent
 parameters inside the RL inner loop. :class:`LearnedOptimizer` runs the same code (OPEN's
-features, the networks and the update rule through
+features, the networks (or a distilled formula) and the update rule through
 :class:`~metarl.families.optim.learned.LearnedUpdate`; Adam and SGD through
 :class:`~metarl.families.optim.AdamUpdate` / :class:`~metarl.families.optim.SGDUpdate`)
 with ``P = 1`` on the parameters of any PyTorch model::
@@ -55,7 +55,7 @@ from metarl.families.optim import (
     TensorInfo,
 )
 from metarl.families.optim.features import DECAYS
-from metarl.families.optim.learned import LearnedMember, LearnedUpdate
+from metarl.families.optim.learned import FeatureOptimizer, LearnedUpdate
 
 __all__ = ["LearnedOptimizer"]
 
@@ -98,8 +98,9 @@ def resolve_algorithm(algorithm) -> Artifact:
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
-    """A member of metarl's optimiser family (Adam, SGD, OPEN, OPEN-FF, No-Features, or a
-    meta-learned artifact of one of them) as a ``torch.optim.Optimizer``.
+    """A member of metarl's optimiser family (Adam, SGD, OPEN, OPEN-FF, No-Features, a
+    meta-learned artifact of one of them, or a formula distilled from OPEN-FF or
+    No-Features by ``metarl symbolic``) as a ``torch.optim.Optimizer``.
 
     Args:
         params: the parameters (an iterable of tensors, of ``(name, tensor)`` pairs, or of
@@ -114,9 +115,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         lr: the learning rate of ``adam`` (default 1e-3, torch's) and ``sgd`` (required).
             It is kept in each param group's ``"lr"``, so ``torch.optim.lr_scheduler``
             schedules work; nothing is annealed otherwise (the RL inner loop's linear
-            anneal is not applied, even with ``total_steps``). A learned member has no
-            learning rate (its network's output is the step): ``lr`` must be None, and a
-            ``ValueError`` says so otherwise.
+            anneal is not applied, even with ``total_steps``). A learned member or a
+            formula has no learning rate (its output is the step): ``lr`` must be None,
+            and a ``ValueError`` says so otherwise.
         betas, eps: Adam's, default ``(0.9, 0.999)`` and ``1e-8`` (torch.optim.Adam's; the
             RL configurations of metarl use 1e-5). As in torch and optax, ``eps`` is added
             outside the square root, so ``adam`` follows ``torch.optim.Adam(lr, betas, eps)``
@@ -140,7 +141,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             a pure function of ``(seed, param group index, step)``, so the step count in
             the state dict is the noise's RNG position.
 
-    Inputs of the learned members outside RL:
+    Inputs of the learned members (and of formulas over OPEN-FF's or No-Features'
+    inputs, which read the same features) outside RL:
 
     - layer proportion: with ``model``, the index of the parameter's ``nn.Linear`` among
       the model's Linear layers in module order / (their number - 1); a parameter of
@@ -149,8 +151,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
       Linear layers falls back to the rule without a model: the tensor's index among all
       the optimiser's parameters, in order, / (their number - 1);
     - batch proportion: 0;
-    - the stochastic term (``o3 * 1e-3 * eps``) acts on every parameter: there is no actor
-      and critic outside RL (in RL it acts on the actor only);
+    - the stochastic term (``o3 * 1e-3 * eps``; a formula's ``eps`` input) acts on every
+      parameter: there is no actor and critic outside RL (in RL it acts on the actor
+      only);
     - the update is mean-centred over each param group (a group is one "agent"), as the
       learned members are in RL, where the agent is all of actor and critic.
 
@@ -165,7 +168,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     changes.
 
     State: per parameter, ``step`` and ``momenta [*shape, 6]`` (plus ``hidden
-    [*shape, 8]`` for OPEN) for learned members, ``step``, ``m``, ``v`` for Adam, ``step``
+    [*shape, 8]`` for OPEN) for learned members and formulas, ``step``, ``m``, ``v`` for
+    Adam, ``step``
     for SGD; ``state_dict()`` also records the algorithm, ``seed`` and ``total_steps``, which
     ``load_state_dict()`` restores, so that training continued after a save and load is
     identical to uninterrupted training.
@@ -182,7 +186,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.member = member
         self.algorithm = art.representation.get("member", art.name)
         self.artifact_name = art.name
-        self.learned = isinstance(member, LearnedMember)
+        #: a feature optimiser: a learned network or a distilled formula (no lr; momenta)
+        self.learned = isinstance(member, FeatureOptimizer)
         if self.algorithm not in ("adam", "sgd") and not self.learned:  # pragma: no cover
             raise ValueError(f"LearnedOptimizer: unsupported optimiser {self.algorithm!r}")
         self._meta = meta.detach().float().reshape(-1)
@@ -202,7 +207,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if lr is not None:
                 raise ValueError(
                     f"LearnedOptimizer: {self.algorithm!r} is a learned optimiser whose "
-                    f"network output is the step; it has no learning rate, so lr must be "
+                    f"output is the step; it has no learning rate, so lr must be "
                     f"None (got {lr!r}). lr applies to 'adam' and 'sgd'.")
             defaults: dict = {}
         elif self.algorithm == "adam":
@@ -259,7 +264,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if given:
                 raise ValueError(
                     f"LearnedOptimizer: {self.algorithm!r} is a learned optimiser whose "
-                    f"network output is the step; a param group cannot set "
+                    f"output is the step; a param group cannot set "
                     f"{', '.join(given)}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]

@@ -91,8 +91,36 @@ def test_evaluate_table_in_and_out_of_distribution(tmp_path):
     cart = results["algorithms"][0]["envs"]["CartPole-v1"]
     assert cart["in_distribution"] and cart["normalized_mean"] == pytest.approx(
         cart["mean"] / 475.0)
-    # A zero LPO is PPO up to an offset: the first curve points agree.
-    assert res["algorithms"][1]["envs"]["CartPole-v1"]["mean"] > 0
+    # A zero LPO is PPO up to a 1e-4 offset: on the same seeds the two train alike.
+    lpo, ppo = (r["envs"]["CartPole-v1"]["final_return"] for r in res["algorithms"])
+    assert torch.allclose(torch.as_tensor(lpo), torch.as_tensor(ppo), rtol=0.05, atol=1.0)
+    assert [r["found_by"] for r in res["algorithms"]] == ["ES", "handcrafted"]
+
+
+def test_default_seeds_leave_out_the_selection_seeds(tmp_path):
+    """A proposal's fitness was measured on seeds 0..N-1 and the best kept: evaluate's
+    default seeds skip them, and explicit seeds that overlap are flagged in the table."""
+    prov = {"method": "propose", "meta_train_envs": ["CartPole-v1"], "seeds": 2,
+            "selection_seeds": [0, 1], "env_steps": 10, "wall_time": 1.0}
+    save(network_artifact("lpo", torch.zeros(1152), prov, name="proposed"), tmp_path / "p.pt")
+    legacy = {k: v for k, v in prov.items() if k != "selection_seeds"}  # older provenance
+    save(network_artifact("lpo", torch.zeros(1152), {**legacy, "seeds": 3}, name="older"),
+         tmp_path / "o.pt")
+    res = evaluate([str(tmp_path / "p.pt"), "ppo-clip"], ["CartPole-v1"], seeds=2,
+                   out=tmp_path / "a", progress=False, echo=lambda *a: None, **TINY)
+    assert res["seeds"] == [2, 3]
+    table = (tmp_path / "a" / "table.md").read_text()
+    assert "Seeds 2, 3. Left out: seeds 0, 1, on which proposed was selected." in table
+    assert "| proposed | LLM proposal |" in table
+    res = evaluate([str(tmp_path / "o.pt")], ["CartPole-v1"], seeds="2", out=tmp_path / "b",
+                   progress=False, echo=lambda *a: None, **TINY)
+    assert res["seeds"] == [3, 4]
+    res = evaluate([str(tmp_path / "p.pt")], ["CartPole-v1"], seeds="1,5",
+                   out=tmp_path / "c", progress=False, echo=lambda *a: None, **TINY)
+    assert res["seeds"] == [1, 5]
+    assert ("Warning: proposed was selected on seeds 1, so its figures there are not held "
+            "out.") in res["seed_note"]
+    assert res["seed_note"] in (tmp_path / "c" / "table.md").read_text()
 
 
 def test_one_table_for_both_families(tmp_path):

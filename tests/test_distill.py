@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import torch
 
 from metarl.artifact import load, network_artifact, save
 from metarl.cli import main
-from metarl.families import get_family
 from metarl.families.drift import LPO, DriftGrid, drift_and_grad, teacher_module
 from metarl.meta.distill import DistillConfig, distill
 
@@ -105,20 +103,21 @@ def test_handcrafted_teacher_is_explained(name, tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # refused before any work
 
 
-@pytest.mark.parametrize("name", ["adam", "open-ff artifact"])
-def test_optimiser_teacher_is_refused_by_its_family(name, tmp_path, capsys,
-                                                     optimiser_teacher):
-    """The optimiser family has no distillation yet: its own reason, before any work."""
-    teacher = optimiser_teacher(name)
-    reason = get_family("optim").refusals["distillation"]
-    msg = "distillation is not available for the optim family: " + reason
-    with pytest.raises(ValueError, match=re.escape(msg)):
-        distill(DistillConfig(teacher=teacher, epochs=1, wandb="off"), out=tmp_path / "x",
+def test_handcrafted_optimiser_teacher_is_refused(tmp_path, capsys, optimiser_teacher):
+    """Adam has no weights to imitate: its family says so, before any work."""
+    with pytest.raises(ValueError, match="adam is a handcrafted member, not a network"):
+        distill(DistillConfig(teacher="adam", epochs=1, wandb="off"), out=tmp_path / "x",
                 progress=False)
     assert not (tmp_path / "x").exists()  # refused before any work
-    assert main(["distill", teacher, "--out", str(tmp_path / "y"), "--wandb", "off"]) == 2
-    assert msg in capsys.readouterr().err
+    assert main(["distill", "sgd", "--out", str(tmp_path / "y"), "--wandb", "off"]) == 2
+    assert "sgd is a handcrafted member, not a network" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+    # A drift grid for an optimiser teacher: the family says what its data is.
+    teacher = optimiser_teacher("open-ff artifact")
+    assert main(["distill", teacher, "--adv-step", "0.5", "--out", str(tmp_path / "z"),
+                 "--wandb", "off"]) == 2
+    assert "has no option adv_step" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
 
 
 def test_bad_settings_and_resume_errors(teacher, tmp_path, capsys):

@@ -126,18 +126,28 @@ def test_constraint_at_r1_reject_and_repair():
     assert rows_r[0]["valid"] and rows_r[0]["at_one"] == 0.0
 
 
-@pytest.mark.parametrize("name", ["adam", "open-ff artifact"])
-def test_optimiser_teacher_is_refused_by_its_family(name, tmp_path, capsys,
-                                                     optimiser_teacher):
-    """The optimiser family has no symbolic distillation yet: its reason, before any work."""
-    teacher = optimiser_teacher(name)
-    reason = get_family("optim").refusals["symbolic"]
-    msg = "symbolic is not available for the optim family: " + reason
-    with pytest.raises(ValueError, match=re.escape(msg)):
+@pytest.mark.parametrize("name, reason", [
+    ("open", "the recurrent OPEN's update depends on a hidden state"),
+    ("open artifact", "the recurrent OPEN's update depends on a hidden state"),
+    ("adam", "it is a handcrafted optimiser whose step reads what the formulas' inputs"),
+    ("sgd", "it is a handcrafted optimiser whose step reads what the formulas' inputs")])
+def test_optimiser_teacher_is_refused_by_its_family(name, reason, tmp_path, capsys):
+    """The optimiser family refuses the teachers a formula of OPEN-FF's or No-Features'
+    inputs cannot imitate, with the reason, before any work: the recurrent OPEN (a hidden
+    state across steps), Adam and SGD (a learning rate and state outside those inputs)."""
+    from metarl.artifact import network_artifact
+
+    assert "symbolic" not in get_family("optim").refusals  # the family has the method
+    teacher = name
+    if name == "open artifact":
+        teacher = str(save(network_artifact("open", torch.zeros(1227), {}),
+                           tmp_path / "open.pt"))
+    with pytest.raises(ValueError, match=re.escape(reason)):
         S.symbolic_distill(S.SymbolicConfig(teacher=teacher), out=tmp_path / "x")
     assert not (tmp_path / "x").exists()  # refused before any work
     assert main(["symbolic", teacher, "--out", str(tmp_path / "y")]) == 2
-    assert msg in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert reason in err.replace("\n", " ") and "symbolic distillation cannot take" in err
     assert not (tmp_path / "y").exists()
 
 

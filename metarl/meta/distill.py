@@ -49,12 +49,17 @@ METHOD = "distillation"
 @dataclass
 class DistillConfig:
     teacher: str
-    hidden: int | None = None  # None: the teacher's width (LPO: 128)
-    #: the family's synthetic-data options (drift: a ``DriftGrid``); None: the family's
-    #: default, filled in here when the teacher can be read, else when the run starts
+    hidden: int | None = None  # None: the teacher's width (LPO: 128, the optimisers: 16)
+    #: the family's synthetic-data options (drift: a ``DriftGrid``; optim: a
+    #: ``SyntheticOptions``); None: the family's default, filled in here when the teacher
+    #: can be read, else when the run starts
     grid: Any = None
     epochs: int = 20
-    batch_size: int = 4096
+    #: None: the family's (drift 4096 grid points, optim 2048 fresh synthetic parameters)
+    batch_size: int | None = None
+    #: the student's member; None: the family's default for the teacher (its own member;
+    #: recurrent OPEN may also be distilled into ``open-ff``)
+    student: str | None = None
     lr_start: float = 1e-4
     lr_end: float = 1e-5
     holdout: float = 0.05
@@ -86,6 +91,25 @@ def check_distill_config(cfg: DistillConfig) -> None:
                          f"between 0 and 1 exclusive; got {cfg.holdout}")
     if cfg.wandb not in ("offline", "online", "off"):
         raise ValueError(f"wandb must be offline, online or off, got {cfg.wandb!r}")
+
+
+def _fill(cfg: DistillConfig, method, teacher) -> DistillConfig:
+    """``cfg`` with the family's defaults in place of None (data, width, batch size,
+    student), and the data and the student checked by the family (``ValueError``)."""
+    if cfg.grid is None:
+        cfg = dataclasses.replace(cfg, grid=method.default_data())
+    method.check_data(cfg.grid)
+    students = method.students(teacher)
+    if cfg.student is None:
+        cfg = dataclasses.replace(cfg, student=students[0])
+    elif cfg.student not in students:
+        raise ValueError(f"a {teacher.name} teacher can be distilled into "
+                         f"{' or '.join(students)}, not {cfg.student!r}")
+    if cfg.hidden is None:  # the same width as the teacher
+        cfg = dataclasses.replace(cfg, hidden=method.teacher_width(teacher))
+    if cfg.batch_size is None:
+        cfg = dataclasses.replace(cfg, batch_size=method.default_batch_size)
+    return cfg
 
 
 def load_teacher(name: str):
@@ -138,16 +162,69 @@ class EpochBatches(torch.utils.data.Sampler):
         yield from idx.split(self.batch_size)
 
 
-def make_data(cfg: DistillConfig, method, teacher):
-    """``(data, train_idx, val_idx)``: the family's inputs and the teacher's targets on every
-    point, and the held-out split drawn with the seed."""
+class StreamData(torch.utils.data.Dataset):
+    """Synthetic batches drawn afresh: item ``(epoch, index)`` is the batch the family's
+    ``method.batch`` draws with a generator seeded by ``(seed, split, epoch, index)``, so
+    every batch is a pure function of its key (a resumed run sees the same batches)."""
+
+    def __init__(self, method, teacher, options, batch_size: int, seed: int, split: int):
+        self.method, self.teacher, self.options = method, teacher, options
+        self.batch_size, self.seed, self.split = batch_size, seed, split
+
+    def __getitem__(self, key):
+        epoch, index = key
+        g = torch.Generator().manual_seed(
+            ((self.seed * 1_000_003 + self.split) * 1_000_033 + epoch) * 1_000_037 + index)
+        return self.method.batch(self.teacher, self.options, self.batch_size, g)
+
+
+class StreamBatches(torch.utils.data.Sampler):
+    """The keys ``(epoch, 0..n-1)`` of one epoch's batches; ``fixed`` keeps epoch 0 (the
+    held-out batches, the same at every validation)."""
+
+    def __init__(self, n: int, fixed: bool = False):
+        self.n, self.fixed, self.epoch = n, fixed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        epoch = 0 if self.fixed else self.epoch
+        return iter([(epoch, i) for i in range(self.n)])
+
+
+def make_loaders(cfg: DistillConfig, method, teacher):
+    """``(train_loader, val_loader, train_points, val_points)``.
+
+    A family whose ``data_kind`` is ``"points"`` (drift) gives a finite point set: the
+    family's inputs and the teacher's targets on every point, a held-out share drawn with
+    the seed, batches of each epoch in an order fixed by ``(seed, epoch)``. A ``"stream"``
+    family (optim) draws every batch afresh (``method.batch``): ``grid.batches_per_epoch``
+    per epoch and ``grid.val_batches`` held-out ones from a separate stream."""
+    loader = torch.utils.data.DataLoader
+    if method.data_kind == "stream":
+        opts = cfg.grid
+        per_batch = method.points_per_batch(teacher, cfg.batch_size)
+        train = StreamData(method, teacher, opts, cfg.batch_size, cfg.seed, split=0)
+        val = StreamData(method, teacher, opts, cfg.batch_size, cfg.seed, split=1)
+        return (loader(train, batch_size=None, sampler=StreamBatches(opts.batches_per_epoch)),
+                loader(val, batch_size=None, sampler=StreamBatches(opts.val_batches, True)),
+                opts.batches_per_epoch * per_batch, opts.val_batches * per_batch)
     inputs = method.inputs(cfg.grid)
     target = method.targets(teacher, inputs)
     n = inputs[0].shape[0]
     g = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(n, generator=g)
     n_val = max(1, int(round(cfg.holdout * n)))
-    return PointData(*inputs, target), perm[n_val:].sort().values, perm[:n_val].sort().values
+    train_idx, val_idx = perm[n_val:].sort().values, perm[:n_val].sort().values
+    data = PointData(*inputs, target)
+    return (loader(data, batch_size=None,
+                   sampler=EpochBatches(train_idx, cfg.batch_size, cfg.seed, True)),
+            loader(data, batch_size=None, sampler=EpochBatches(val_idx, 65536, cfg.seed, False)),
+            int(train_idx.numel()), int(val_idx.numel()))
 
 
 # --------------------------------------------------------------------------- module
@@ -161,9 +238,8 @@ def _lightning():
     return pl
 
 
-def make_module(cfg: DistillConfig, method, total_steps: int):
+def make_module(cfg: DistillConfig, method, total_steps: int, loss_name: str):
     pl = _lightning()
-    loss_name = method.loss_name
 
     class Distiller(pl.LightningModule):
         """A student of the teacher's family, trained on the family's distillation loss."""
@@ -171,7 +247,7 @@ def make_module(cfg: DistillConfig, method, total_steps: int):
         def __init__(self):
             super().__init__()
             g = torch.Generator().manual_seed(cfg.seed + 1)
-            self.student = method.student(cfg.hidden, cfg.init_scale, g)
+            self.student = method.student(cfg.student, cfg.hidden, cfg.init_scale, g)
             self.train_sum = 0.0
             self.train_count = 0
 
@@ -253,11 +329,8 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
     """Train a student network to imitate ``cfg.teacher``; return the results."""
     check_distill_config(cfg)
     teacher_art, method, teacher = load_teacher(cfg.teacher)
-    if cfg.grid is None:  # the family's default data
-        cfg = dataclasses.replace(cfg, grid=method.default_data())
-    method.check_data(cfg.grid)
-    if cfg.hidden is None:  # the same width as the teacher
-        cfg = dataclasses.replace(cfg, hidden=method.teacher_width(teacher))
+    cfg = _fill(cfg, method, teacher)
+    loss_name, loss_label = method.loss_name_for(teacher)
     pl = _lightning()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no start-up banner
     run_path = Path(out) if out else RunDir.default_path("distill", teacher_art.name)
@@ -284,13 +357,9 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
         run.write_config(asdict(cfg))
 
     t0 = time.time()
-    data, train_idx, val_idx = make_data(cfg, method, teacher)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=EpochBatches(train_idx, cfg.batch_size, cfg.seed, True))
-    val_loader = torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=EpochBatches(val_idx, 65536, cfg.seed, False))
+    loader, val_loader, train_points, val_points = make_loaders(cfg, method, teacher)
     total_steps = len(loader) * cfg.epochs
-    module = make_module(cfg, method, total_steps)
+    module = make_module(cfg, method, total_steps, loss_name)
     logger = False
     if cfg.wandb != "off" and importlib.util.find_spec("wandb") is None:
         warnings.warn("wandb is not installed: logging to metrics.jsonl only (pip install "
@@ -304,7 +373,7 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
                              resume="allow", config=json.loads(json.dumps(asdict(cfg))))
     trainer = pl.Trainer(
         max_epochs=cfg.epochs, accelerator="auto", devices=1, logger=logger,
-        callbacks=_callbacks(method.loss_name, run, ckpt_dir, lambda: prior + time.time() - t0),
+        callbacks=_callbacks(loss_name, run, ckpt_dir, lambda: prior + time.time() - t0),
         enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, inference_mode=False,
         deterministic=True, log_every_n_steps=max(1, min(50, len(loader))),
@@ -322,11 +391,11 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
     lines = [json.loads(ln) for ln in (run_path / "metrics.jsonl").read_text().splitlines()
              if ln.strip()]
     final = lines[-1] if lines else {}
-    train_key, val_key = f"train_{method.loss_name}", f"val_{method.loss_name}"
+    train_key, val_key = f"train_{loss_name}", f"val_{loss_name}"
     ref_key = f"{val_key}_of_{method.reference_name}"
     student = module.student
     params = student.flat_params()
-    reference = method.reference(cfg.hidden)  # the score of not imitating
+    reference = method.reference(cfg.student, cfg.hidden)  # the score of not imitating
     ref_loss = _mean_over(val_loader, lambda b: method.loss(reference, b))
     prov = {"method": "distill", "teacher": teacher_art.name,
             "teacher_provenance": teacher_art.provenance, "env_steps": 0,
@@ -335,29 +404,30 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
             "settings": {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items()
                          if k != "teacher"},
             val_key: final.get(val_key)}
-    name = f"{teacher_art.name}-distill-h{cfg.hidden}"
-    path = art_mod.save(art_mod.network_artifact(method.student_member, params, prov,
+    kind = "" if student.name == teacher.name else f"-{student.name}"
+    name = f"{teacher_art.name}-distill{kind}-h{cfg.hidden}"
+    path = art_mod.save(art_mod.network_artifact(student.name, params, prov,
                                                  name=name, hidden=cfg.hidden),
                         run_path / "student.pt")
     results = {"teacher": teacher_art.name, "hidden": cfg.hidden,
                "student_params": int(params.numel()), "epochs": cfg.epochs,
-               "steps": trainer.global_step, "train_points": int(train_idx.numel()),
-               "val_points": int(val_idx.numel()),
+               "steps": trainer.global_step, "train_points": train_points,
+               "val_points": val_points, "student": student.name,
                train_key: final.get(train_key), val_key: final.get(val_key),
                ref_key: ref_loss, "env_steps": 0, "wall_time_s": wall,
                "artifact": str(path)}
     run.write_results(results)
     run.write_summary(
-        f"# Distillation of {teacher_art.name} into {method.student_label(cfg.hidden)}\n\n"
+        f"# Distillation of {teacher_art.name} into {student.name} width {cfg.hidden}\n\n"
         f"{cfg.epochs} epochs, {trainer.global_step} steps, {wall:.1f} s, 0 environment "
-        f"steps.\n\n| | {method.loss_label} |\n|---|---:|\n"
+        f"steps.\n\n| | {loss_label} |\n|---|---:|\n"
         f"| student, train points | {results[train_key]:.4g} |\n"
         f"| student, held-out points | {results[val_key]:.4g} |\n"
         f"| {method.reference_label}, held-out | {ref_loss:.4g} |\n\nartifact: `{path}`\n")
     run.close()
     write_json_atomic(run_path / "teacher.json", {"name": teacher_art.name,
                                                   "provenance": teacher_art.provenance})
-    log(f"student width {cfg.hidden}: held-out {method.loss_label} {results[val_key]:.4g} "
+    log(f"student width {cfg.hidden}: held-out {loss_label} {results[val_key]:.4g} "
         f"({method.reference_short}'s: {ref_loss:.4g}); artifact {path}")
     return results
 
@@ -365,6 +435,6 @@ def distill(cfg: DistillConfig, out: str | Path | None = None, resume: bool = Fa
 def _mean_over(loader, fn) -> float:
     total, count = 0.0, 0
     for batch in loader:
-        total += float(fn(batch)) * batch[0].shape[0]
+        total += float(fn(batch).detach()) * batch[0].shape[0]
         count += batch[0].shape[0]
     return total / max(count, 1)

@@ -151,6 +151,11 @@ def strategy_settings(cfg: EvolveConfig) -> dict:
     return settings
 
 
+#: the seeds the mean is evaluated on (and best.pt chosen on): ``EVAL_SEED_BASE + i``, far
+#: from the seeds ``metarl evaluate`` uses by default
+EVAL_SEED_BASE = 100_000
+
+
 def generation_seed(seed: int, generation: int) -> int:
     """The inner-loop seed every member of a generation shares."""
     k = rng.fold(rng.seed_keys([seed]), 0x6E, generation)
@@ -240,7 +245,7 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
 
         bar = tqdm(total=cfg.generations, initial=start, unit="gen",
                    desc=f"{cfg.strategy} on {cfg.algorithm}")
-    eval_seeds = [100_000 + i for i in range(cfg.eval_seeds)]
+    eval_seeds = [EVAL_SEED_BASE + i for i in range(cfg.eval_seeds)]
     try:
         for gen in range(start, cfg.generations):
             t0 = time.perf_counter()
@@ -343,6 +348,8 @@ def _save_best(run_path, cfg, strategy, best, env_steps, wall):
                            _provenance(cfg, strategy, env_steps, wall, best["generation"]),
                            name=f"{cfg.algorithm}-{cfg.strategy}-best")
     art.provenance["eval_fitness"] = best["eval_fitness"]
+    # best.pt is the mean with the best evaluation fitness, measured on these seeds
+    art.provenance["selection_seeds"] = [EVAL_SEED_BASE + i for i in range(cfg.eval_seeds)]
     save(art, run_path / "best.pt")
 
 

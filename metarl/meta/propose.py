@@ -135,6 +135,8 @@ def resolve_proposal(name: str) -> tuple[Family, Proposal]:
     if not family.is_learned(name):
         raise ValueError(f"{name} is a handcrafted member of the {family.name} family; "
                          f"propose writes the code of a learned one ({', '.join(known)})")
+    if hasattr(proposal, "for_algorithm"):  # a family whose signature differs by member
+        proposal = proposal.for_algorithm(name)
     return family, proposal
 
 
@@ -462,6 +464,9 @@ def _save(run_path: Path, state: dict, family: Family, proposal: Proposal,
     prov = {"method": "propose", "model": cfg.model, "base_url": cfg.base_url,
             "family": family.name, "algorithm": cfg.family,
             "meta_train_envs": list(cfg.envs), "seeds": cfg.seeds,
+            # every proposal's fitness is measured on these seeds and the best one kept:
+            # metarl evaluate leaves them out by default
+            "selection_seeds": list(range(cfg.seeds)),
             "generation": best["generation"], "generations_run": state["generation"],
             "fitness": best["fitness"], "per_env": best["per_env"],
             "thought": best["thought"], "env_steps": state["env_steps"],

@@ -46,8 +46,8 @@ class DriftDistillation:
     Attributes (read by :mod:`metarl.meta.distill`):
 
     - ``family``: ``"drift"``;
-    - ``student_member``: the member the student is (``"lpo"``), the member of the
-      ``network`` artifact the student becomes;
+    - ``data_kind``: ``"points"``, a finite point set (the grid) from :meth:`inputs` and
+      :meth:`targets`, of which a share is held out; ``default_batch_size``: 4096;
     - ``loss_name`` / ``loss_label``: ``"grad_mse"`` / ``"grad MSE"``; the metrics are
       ``train_<loss_name>`` and ``val_<loss_name>``;
     - ``reference_name`` / ``reference_short`` / ``reference_label``: ``"ppo"`` / ``"PPO"``
@@ -58,7 +58,8 @@ class DriftDistillation:
     """
 
     family: str = "drift"
-    student_member: str = "lpo"
+    data_kind: str = "points"
+    default_batch_size: int = 4096
     loss_name: str = "grad_mse"
     loss_label: str = "grad MSE"
     reference_name: str = "ppo"
@@ -115,10 +116,19 @@ class DriftDistillation:
 
     # -- the student -----------------------------------------------------------------------
 
-    def student(self, hidden: int, init_scale: float, generator: torch.Generator) -> LPO:
-        """A trainable student: ``LPO(hidden)`` with both layers drawn uniformly from
-        ``+-init_scale / sqrt(fan_in)`` by ``generator``, layer 1 first (LPO's own zero
-        start is a saddle: both layers' gradients vanish there)."""
+    def students(self, teacher: Drift) -> tuple[str, ...]:
+        """The members a student may be: ``("lpo",)``."""
+        return ("lpo",)
+
+    def loss_name_for(self, teacher: Drift) -> tuple[str, str]:
+        """``(loss_name, loss_label)``: the same for every drift teacher."""
+        return self.loss_name, self.loss_label
+
+    def student(self, name: str, hidden: int, init_scale: float,
+                generator: torch.Generator) -> LPO:
+        """A trainable student (``name`` is ``"lpo"``): ``LPO(hidden)`` with both layers
+        drawn uniformly from ``+-init_scale / sqrt(fan_in)`` by ``generator``, layer 1
+        first (LPO's own zero start is a saddle: both layers' gradients vanish there)."""
         student = LPO(hidden=hidden)
         with torch.no_grad():
             for lin in (student.l1, student.l2):
@@ -131,14 +141,10 @@ class DriftDistillation:
         [B], target [B])``: :func:`grad_mse`."""
         return grad_mse(student, batch, self.clip_eps, create_graph=create_graph)
 
-    def reference(self, hidden: int) -> LPO:
+    def reference(self, name: str, hidden: int) -> LPO:
         """The not-imitating baseline, scored with :meth:`loss` like the student: an LPO of
         the student's width with zero weights, which is PPO up to LPO's 1e-4 offset."""
         return LPO(hidden=hidden)
-
-    def student_label(self, hidden: int) -> str:
-        """How the summary names the student: ``"LPO width <hidden>"``."""
-        return f"LPO width {hidden}"
 
 
 __all__ = ["DriftDistillation", "grad_mse"]

@@ -5,8 +5,10 @@ becomes the drift ``relu(f)`` (:class:`~metarl.families.drift.members.SymbolicDr
 is fitted to the teacher's drift *value* on a synthetic grid over ``(r, A)``
 (:data:`~metarl.families.drift.data.SYMBOLIC_GRID`: the ranges of the distillation grid of
 Lu et al. 2022, 64 x 64 points), as in Goldie et al. 2025, "How Should We Meta-Learn
-Reinforcement Learning Algorithms?". The family's constraint: a drift is 0 at ``r = 1``;
-a candidate that is not is rejected or repaired (``f - f(0, 0, A)``).
+Reinforcement Learning Algorithms?", with that paper's operators for LPO (``+ - * / max
+min square neg tanh abs``) and limits (40 nodes, depth 8). The family's constraint: a
+drift is 0 at ``r = 1``; a candidate that is not is rejected or repaired
+(``f - f(0, 0, A)``).
 
 :class:`DriftSymbolic` is the object the drift family registers under
 ``FAMILY.methods["symbolic"]``. Another family supports symbolic distillation by
@@ -22,6 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from metarl.expression import BASE_OPERATORS
 from metarl.families.drift.data import SYMBOLIC_GRID, DriftGrid, check_grid, teacher_module
 from metarl.families.drift.members import SYMBOLIC_INPUTS, SymbolicDrift
 
@@ -35,6 +38,9 @@ class DriftSymbolic:
     - ``family``: ``"drift"``;
     - ``inputs``: the names of the formula's inputs, in the order of the data's columns:
       ``("log_r", "r_minus_1", "A")``;
+    - ``operators``, ``max_size``, ``max_depth``: the formulas' operators
+      (:data:`~metarl.expression.BASE_OPERATORS`, ``+ - * / max min square neg tanh abs``)
+      and limits, 40 nodes and depth 8 (the paper's for LPO);
     - ``violation_name``: the report column that measures the constraint, ``"at_one"`` (the
       largest drift at ``r = 1`` over the grid's advantages); a candidate is valid when it
       is at most ``tolerance`` (1e-6);
@@ -47,6 +53,9 @@ class DriftSymbolic:
 
     family: str = "drift"
     inputs: tuple[str, ...] = SYMBOLIC_INPUTS
+    operators: tuple[str, ...] = BASE_OPERATORS
+    max_size: int = 40
+    max_depth: int = 8
     violation_name: str = "at_one"
     report_names: tuple[str, ...] = ("slope_at_one",)
     tolerance: float = 1e-6
@@ -69,10 +78,14 @@ class DriftSymbolic:
     def check_teacher(self, artifact, name: str) -> None:
         """Every drift artifact can be a teacher (network, handcrafted, formula, code)."""
 
-    def data(self, artifact, grid: DriftGrid) -> tuple[np.ndarray, np.ndarray]:
+    def for_teacher(self, artifact) -> DriftSymbolic:
+        """This object: every drift teacher has the same inputs."""
+        return self
+
+    def data(self, artifact, grid: DriftGrid, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """``(X [N, 3], y [N])``, float64 numpy: ``X``'s columns are ``inputs`` (``log r``,
         ``r - 1``, ``A``) on the grid's points, ``y`` the teacher's drift there (PPO's
-        default ``clip_eps`` 0.2)."""
+        default ``clip_eps`` 0.2). ``seed`` (the run's) is not used: the grid is fixed."""
         drift, params = artifact.build()
         drift = teacher_module(drift, params)
         ratio, adv = grid.tensors(torch.float64)

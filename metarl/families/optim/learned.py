@@ -20,6 +20,12 @@ Update rule, with outputs ``o1, o2[, o3]`` and ``eps ~ N(0, 1)`` drawn per param
 The stochastic term acts on actor parameters only (a Gaussian policy's ``log_std``
 counts as actor); No-Features has no stochastic term. There is no learning rate: the
 network's output is the step.
+
+What does not depend on the network (the momenta, the features, the noise draw, the
+mean-centring and the population stepper :class:`LearnedUpdate`) is in
+:class:`FeatureOptimizer`, the base of :class:`LearnedMember` and of the formula member
+:class:`~metarl.families.optim.symbolic.SymbolicOptimizer` (symbolic distillation), which
+computes its update from the same features with a formula instead of a network.
 """
 
 from __future__ import annotations
@@ -64,16 +70,61 @@ def gru_cell(x: torch.Tensor, h: torch.Tensor, p: dict, prefix: str = "gru.") ->
     return (1.0 - z) * n + z * h
 
 
-class LearnedMember(OptimMember):
-    """Base of the learned members: the per-parameter MLP head and the update rule."""
+class FeatureOptimizer(OptimMember):
+    """Base of the members that compute each parameter's update from its features.
+
+    Per step and agent: the six momenta are updated from the gradient, the features are
+    read (:meth:`features`: OPEN's 19, or No-Features' 8 raw inputs), a noise sample
+    ``eps ~ N(0, 1)`` per parameter is drawn when the member is :attr:`stochastic`, the
+    member's :meth:`step_update` gives ``u [P, D]``, ``u`` is mean-centred over all of the
+    agent's parameters (actor and critic) and ``p <- p - u``. :class:`LearnedUpdate` runs
+    it for a population. Subclasses: :class:`LearnedMember` (a network) and the formula
+    member of symbolic distillation.
+    """
 
     mean_centred = True
+    #: ``"open"`` (OPEN's 19 features) or ``"raw"`` (No-Features' 8 inputs)
+    feature_set = "open"
     num_inputs = NUM_OPEN_FEATURES
     #: reads per-layer activations (the dormancy feature)
     reads_activations = True
-    num_outputs = 3
+    #: keeps a hidden state per parameter across steps (OPEN's GRU)
     recurrent = False
+    #: draws ``eps`` for OPEN's stochastic term
+    stochastic = True
+
+    def features(self, params, grads, momenta, layout, ctx) -> torch.Tensor:
+        """The member's inputs ``[P, D, num_inputs]`` (momenta already updated)."""
+        if self.feature_set == "raw":
+            return no_features(params, grads, momenta, layout)
+        return open_features(params, grads, momenta, layout, ctx)
+
+    def step_update(self, p: dict, x: torch.Tensor, state: dict, actor_mask: torch.Tensor,
+                    noise: torch.Tensor | None) -> torch.Tensor:
+        """The update ``u [P, D]`` before mean-centring, from the meta-parameters ``p``
+        (named views, :meth:`unflatten`), the features ``x [P, D, num_inputs]``, the
+        stepper's ``state``, ``actor_mask [D]`` and ``noise [P, D]`` (None unless
+        :attr:`stochastic`)."""
+        raise NotImplementedError
+
+    def check_config(self, config) -> None:
+        if self.reads_activations and not config.fused:
+            raise ValueError(f"{self.name} reads per-layer activations (dormancy), which "
+                             f"only the fused forward records; drop --no-fused")
+
+    def population(self, meta_params, layout, config, keys):
+        return LearnedUpdate(self, meta_params, layout, keys)
+
+
+class LearnedMember(FeatureOptimizer):
+    """Base of the learned members: the per-parameter MLP head and the update rule."""
+
+    num_outputs = 3
     gru_hidden = 8
+
+    @property
+    def stochastic(self) -> bool:  # the third output scales the noise
+        return self.num_outputs > 2
 
     def __init__(self, hidden: int = 16):
         super().__init__()
@@ -99,7 +150,8 @@ class LearnedMember(OptimMember):
         return batched_linear(h, p["l3.weight"], p["l3.bias"])
 
     def inputs(self, params, grads, momenta, layout, ctx) -> torch.Tensor:
-        return open_features(params, grads, momenta, layout, ctx)
+        """The network's inputs: :meth:`FeatureOptimizer.features`."""
+        return self.features(params, grads, momenta, layout, ctx)
 
     def outputs(self, p: dict, x: torch.Tensor, state: dict) -> torch.Tensor:
         """Network outputs ``[P, D, num_outputs]``; a recurrent member updates its state."""
@@ -132,13 +184,9 @@ class LearnedMember(OptimMember):
             u = u + out[..., 2] * STEP_MULT * noise * actor_mask
         return u
 
-    def check_config(self, config) -> None:
-        if self.reads_activations and not config.fused:
-            raise ValueError(f"{self.name} reads per-layer activations (dormancy), which "
-                             f"only the fused forward records; drop --no-fused")
-
-    def population(self, meta_params, layout, config, keys):
-        return LearnedUpdate(self, meta_params, layout, keys)
+    def step_update(self, p, x, state, actor_mask, noise):
+        """The network's outputs (:meth:`outputs`) through the update rule (:meth:`update`)."""
+        return self.update(self.outputs(p, x, state), actor_mask, noise)
 
     def reset_parameters(self, seed: int = 0) -> LearnedMember:
         """PyTorch's default initialisation of every layer, drawn from a generator seeded
@@ -182,18 +230,17 @@ class NoFeatures(LearnedMember):
     """No-Features: the MLP on 8 raw inputs (p, six momenta, g), 2 outputs, no noise."""
 
     name = "no-features"
+    feature_set = "raw"
     num_inputs = NUM_NO_FEATURES
     reads_activations = False
     num_outputs = 2
 
-    def inputs(self, params, grads, momenta, layout, ctx):
-        return no_features(params, grads, momenta, layout)
-
 
 class LearnedUpdate(PopulationOptimizer):
-    """A population of learned optimisers, one per row of ``meta_params [P, n]``."""
+    """A population of feature optimisers (:class:`FeatureOptimizer`: a learned network,
+    one per row of ``meta_params [P, n]``, or a formula, ``n = 0``)."""
 
-    def __init__(self, member: LearnedMember, meta_params: torch.Tensor, layout, keys):
+    def __init__(self, member: FeatureOptimizer, meta_params: torch.Tensor, layout, keys):
         self.member, self.layout, self.keys = member, layout, keys
         self.p = member.unflatten(meta_params)
         self.needs_activations = member.reads_activations
@@ -208,13 +255,12 @@ class LearnedUpdate(PopulationOptimizer):
     @torch.no_grad()
     def step(self, params, grads, state, ctx: StepContext):
         update_momenta(state["momenta"], grads)
-        x = self.member.inputs(params, grads, state["momenta"], self.layout, ctx)
-        out = self.member.outputs(self.p, x, state)
+        x = self.member.features(params, grads, state["momenta"], self.layout, ctx)
         noise = None
-        if self.member.num_outputs > 2:
+        if self.member.stochastic:
             k = rng.fold(self.keys, _S_NOISE, ctx.update, ctx.epoch, ctx.minibatch)
             noise = rng.normal(k, (params.shape[1],))
-        u = self.member.update(out, self.layout.actor_mask, noise)
+        u = self.member.step_update(self.p, x, state, self.layout.actor_mask, noise)
         if self.member.mean_centred:
             u = u - u.mean(dim=1, keepdim=True)
         params.sub_(u)
