@@ -60,11 +60,12 @@ def _grid_flags(p: argparse.ArgumentParser, d) -> None:
                    help=f"drift (default {d.adv_min:g} {d.adv_max:g})")
     g.add_argument("--adv-step", type=float, default=None,
                    help=f"drift (default {d.adv_step:g})")
-    g.add_argument("--data", nargs="+", default=None, metavar="KEY=VALUE",
-                   help="options of the teacher family's data, e.g. for an optimiser "
-                        "teacher batches_per_epoch=50 val_batches=4 unroll=100 (distill) "
-                        "or points=4096 (symbolic); a drift teacher takes the grid's "
-                        "fields (log_ratio_step=0.0625 ...)")
+    g.add_argument("--data", action="append", default=None, metavar="KEY=VALUE",
+                   help="one option of the teacher family's data; repeat the flag for "
+                        "several (--data unroll=20 --data val_batches=2). An optimiser "
+                        "teacher: batches_per_epoch, val_batches, unroll (distill) or "
+                        "points (symbolic); a drift teacher: the grid's fields "
+                        "(log_ratio_step=0.0625 ...)")
 
 
 def _grid(ns, teacher: str, method: str):
@@ -78,10 +79,12 @@ def _grid(ns, teacher: str, method: str):
              "log_ratio_step": ("log_ratio_step",), "adv_range": ("adv_min", "adv_max"),
              "adv_step": ("adv_step",)}
     given: dict = {}
+    flag_of: dict = {}  # option -> the drift flag that set it, for messages
     for flag, keys in drift.items():
         value = getattr(ns, flag)
         if value is not None:
             given.update(zip(keys, value if isinstance(value, (list, tuple)) else [value]))
+            flag_of.update(dict.fromkeys(keys, "--" + flag.replace("_", "-")))
     for item in ns.data or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -94,10 +97,15 @@ def _grid(ns, teacher: str, method: str):
         return None  # the teacher cannot be read, or has no such method: the run says why
     known = {f.name: f for f in dataclasses.fields(base)}
     unknown = sorted(set(given) - set(known))
+    options = ", ".join(f"{k}={getattr(base, k)!r}" for k in known)
+    flags = sorted({flag_of[k] for k in unknown if k in flag_of})
+    if flags:
+        raise ValueError(f"{' and '.join(flags)} set the drift family's grid, and the "
+                         f"{method} data of {teacher} is a {type(base).__name__}; set its "
+                         f"options with --data KEY=VALUE ({options})")
     if unknown:
         raise ValueError(f"{type(base).__name__} (the {method} data of {teacher}) has no "
-                         f"option {', '.join(unknown)}; its options are "
-                         f"{', '.join(f'{k}={getattr(base, k)!r}' for k in known)}")
+                         f"option {', '.join(unknown)}; its options are {options}")
     typed = {}
     for k, v in given.items():
         kind = type(getattr(base, k))

@@ -89,11 +89,11 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
         raise ValueError("name at least one algorithm: an artifact file or a member name "
                          "(ppo-clip, dpo, lpo, adam, sgd, ...)")
     arts = [load(a) for a in algorithms]  # fails early on unreadable artifacts
-    seeds, seed_note = choose_seeds(seeds, arts)
     names = [a.name for a in arts]
     for a, spec in zip(arts, algorithms):  # two best.pt of different runs: tell them apart
         if names.count(a.name) > 1:
             a.name = f"{a.name} ({spec})"
+    seeds, seed_note = choose_seeds(seeds, arts)
     configs = prepare_configs(envs, **overrides)
     for a in arts:
         for c in configs.values():
@@ -171,17 +171,21 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
 def selection_seeds(provenance: dict) -> set[int]:
     """The inner-loop seeds an algorithm was *selected* on (its fitness was measured there
     and the best kept): ``selection_seeds`` of its provenance, or for a proposal saved
-    before that field existed, seeds ``0..seeds-1``. Empty when unknown or none."""
+    before that field existed, seeds ``0..seeds-1``; with those of its teacher, for an
+    algorithm distilled from one (recursively). Empty when unknown or none."""
     chosen = provenance.get("selection_seeds")
     if chosen is None and provenance.get("method") == "propose" \
             and isinstance(provenance.get("seeds"), int):
         chosen = range(provenance["seeds"])
-    return {int(s) for s in chosen or ()}
+    own = {int(s) for s in chosen or ()}
+    teacher = provenance.get("teacher_provenance")
+    return own | selection_seeds(teacher) if isinstance(teacher, dict) else own
 
 
 def _span(seeds) -> str:
     seeds = sorted(seeds)
-    if seeds and seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2:
+    if len(seeds) > 2 and seeds[-1] - seeds[0] == len(seeds) - 1 and len(set(seeds)) == \
+            len(seeds):
         return f"{seeds[0]}-{seeds[-1]}"
     return ", ".join(str(s) for s in seeds)
 
@@ -194,7 +198,7 @@ def choose_seeds(seeds, arts) -> tuple[list[int], str]:
     seeds that chose the algorithm: with a proposal selected on seeds 0-7, the count 8
     gives seeds 8-15. Explicit seeds (``"0,1,2"``) are used as given, and the sentence
     names every algorithm that was selected on some of them."""
-    selected = {a.name: selection_seeds(a.provenance) for a in arts}
+    selected = {a.name: selection_seeds(a.provenance) for a in arts}  # names are unique
     used = set().union(*selected.values()) if selected else set()
     explicit = not (isinstance(seeds, int) or (isinstance(seeds, str) and "," not in seeds))
     if explicit:
@@ -208,7 +212,9 @@ def choose_seeds(seeds, arts) -> tuple[list[int], str]:
             s += 1
     note = f"Seeds {_span(seeds)}."
     overlap = {n: set(seeds) & sel for n, sel in selected.items() if set(seeds) & sel}
-    left_out = {n: sel for n, sel in selected.items() if sel and sel & set(range(max(seeds)))}
+    top = max(seeds)
+    left_out = {n: {s for s in sel if s < top} for n, sel in selected.items()}
+    left_out = {n: sel for n, sel in left_out.items() if sel}
     if overlap:
         note += " Warning: " + "; ".join(
             f"{n} was selected on seeds {_span(o)}" for n, o in overlap.items()) + \
@@ -288,11 +294,13 @@ def _markdown(rows, in_dist, general, tuned=None, seed_note: str = "") -> str:
 def _csv(path: Path, rows) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["algorithm", "env", "in_distribution", "mean", "stderr", "normalized_mean",
-                    "normalized_stderr", "failed", "find_env_steps", "find_wall_time"])
+        w.writerow(["algorithm", "found_by", "env", "in_distribution", "mean", "stderr",
+                    "normalized_mean", "normalized_stderr", "failed", "find_env_steps",
+                    "find_wall_time"])
         for r in rows:
             for env_id, e in r["envs"].items():
-                w.writerow([r["algorithm"], env_id, e["in_distribution"], e["mean"], e["stderr"],
+                w.writerow([r["algorithm"], r["found_by"], env_id, e["in_distribution"],
+                            e["mean"], e["stderr"],
                             e["normalized_mean"], e["normalized_stderr"], e["failed"],
                             r["find_env_steps"], r["find_wall_time"]])
 

@@ -165,3 +165,23 @@ def test_wandb_offline_run_is_written(tmp_path):
     meta_train(cfg, out=tmp_path, progress=False, echo=lambda *a: None)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs, list(tmp_path.iterdir())
+
+
+def test_selection_seeds_of_teachers_and_of_namesakes():
+    """A formula distilled from a proposal was, through its teacher, selected on the
+    proposal's seeds; two artifacts of one name keep their own selection seeds."""
+    from metarl.evaluate import choose_seeds, selection_seeds
+
+    prop = {"method": "propose", "selection_seeds": [0, 1, 2]}
+    formula = {"method": "symbolic-gplearn", "teacher_provenance": prop}
+    assert selection_seeds(formula) == {0, 1, 2}
+    a = network_artifact("lpo", torch.zeros(1152), {"method": "propose",
+                                                     "selection_seeds": [0]}, name="best")
+    b = network_artifact("lpo", torch.zeros(1152), formula, name="best")
+    a.name, b.name = "best (run1/best.pt)", "best (run2/best.pt)"  # as evaluate renames
+    seeds, note = choose_seeds(2, [a, b])
+    assert seeds == [3, 4]
+    assert "seeds 0, on which best (run1/best.pt) was selected" in note
+    assert "seeds 0-2, on which best (run2/best.pt) was selected" in note
+    seeds, note = choose_seeds("4000000000,1", [a, b])  # explicit, huge: no giant sets
+    assert seeds == [4000000000, 1] and "best (run2/best.pt) was selected on seeds 1" in note

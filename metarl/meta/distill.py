@@ -40,10 +40,12 @@ from typing import Any
 import torch
 
 from metarl import artifact as art_mod
+from metarl import rng
 from metarl.families import get_family
 from metarl.logging import RunDir, keep_metrics, refuse_other_run, write_json_atomic
 
 METHOD = "distillation"
+_S_STREAM = 0xD15  # random stream of the synthetic batches
 
 
 @dataclass
@@ -73,7 +75,8 @@ class DistillConfig:
 
     def differences(self, saved: dict) -> list[str]:
         now = json.loads(json.dumps(asdict(self)))
-        keys = [k for k in now if k != "wandb"]
+        # a field the saved configuration lacks is newer than the run: it had the default
+        keys = [k for k in now if k != "wandb" and k in saved]
         return [f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in keys
                 if saved.get(k) != now[k]]
 
@@ -173,9 +176,16 @@ class StreamData(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        g = torch.Generator().manual_seed(
-            ((self.seed * 1_000_003 + self.split) * 1_000_033 + epoch) * 1_000_037 + index)
+        g = torch.Generator().manual_seed(batch_seed(self.seed, self.split, epoch, index))
         return self.method.batch(self.teacher, self.options, self.batch_size, g)
+
+
+def batch_seed(seed: int, split: int, epoch: int, index: int) -> int:
+    """The generator seed of one synthetic batch: a 32-bit hash of ``(seed, split, epoch,
+    index)`` (:mod:`metarl.rng`), distinct for every batch of a run and valid for any
+    seed."""
+    key = rng.fold(rng.seed_keys([seed]), _S_STREAM, split, epoch, index)
+    return int(key[0])
 
 
 class StreamBatches(torch.utils.data.Sampler):

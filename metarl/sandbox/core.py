@@ -179,12 +179,14 @@ class Sandbox:
                 raise ProposalError("syntax", f"the source is {len(self.code)} characters "
                                               f"long; the limit is {_MAX_CODE_CHARS}")
             self._server = server = _fork_server(max(limits.start_timeout_s, 60.0))
-            need = math.ceil(server.footprint_mb) + _HEADROOM_MB
+            # the footprint, the shared region (mapped before RLIMIT_AS is set) and headroom
+            need = math.ceil(server.footprint_mb) + (_SHARED_BYTES >> 20) + _HEADROOM_MB
             if limits.memory_mb < need:
                 raise ValueError(
                     f"SandboxLimits.memory_mb={limits.memory_mb} is too small: the child maps "
-                    f"{server.footprint_mb:.0f} MB once torch is imported; use at least {need}"
-                )
+                    f"{server.footprint_mb:.0f} MB once torch is imported and "
+                    f"{_SHARED_BYTES >> 20} MB of shared memory for the call's values; use at "
+                    f"least {need}")
             # The worker's own set-up is trusted code and gets a generous bound; the
             # proposal's loading gets start_timeout_s from the moment it is sent.
             deadline = time.monotonic() + max(limits.start_timeout_s, 30.0)
