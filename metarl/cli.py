@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"artifact files or member names ({_names()}); each fills its "
                         f"family's slot, the other slot keeps its default")
     p.add_argument("--envs", nargs="*", default=["CartPole-v1"], help="environment ids")
-    p.add_argument("--seeds", default="8", help="number of seeds or a comma-separated list")
+    p.add_argument("--seeds", default="8",
+                   help="a count (the first seeds no algorithm was selected on) or a "
+                        "comma-separated list (used as given)")
     p.add_argument("--meta-train-envs", nargs="*", default=None,
                    help="the in-distribution environments (default: from the artifacts)")
     p.add_argument("--tune-lr", action="store_true",
@@ -256,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("propose", help="an LLM proposes algorithm code, scored in a sandbox",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("family", help="the learned algorithm whose slot the proposed code fills: "
-                   "lpo (drift functions)")
+                   "lpo (drift functions), open (optimisers with a memory, from Adam), "
+                   "open-ff or no-features (optimisers, from SGD)")
     p.add_argument("--model", default="o3-mini", help="model name the endpoint serves")
     p.add_argument("--base-url", default=None,
                    help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM) or "
@@ -266,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envs", nargs="*", default=["CartPole-v1"],
                    help="meta-training environments (fitness: mean normalised return)")
     p.add_argument("--generations", type=int, default=30, help="proposals (the paper: 30)")
-    p.add_argument("--seeds", type=int, default=8, help="fixed seeds 0..N-1 per proposal")
+    p.add_argument("--seeds", type=int, default=8,
+                   help="fixed seeds 0..N-1 per proposal (evaluate then leaves them out)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--max-retries", type=int, default=6,
                    help="retries of a failing request (network, 429, 5xx), with backoff")

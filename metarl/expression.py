@@ -323,6 +323,17 @@ def compile_tree(tree, variables: Sequence[str], finite: bool = True,
     return lambda *xs: torch.nan_to_num(f(xs), nan=0.0, posinf=1e6, neginf=-1e6)
 
 
+def guard_source(body: str) -> list[str]:
+    """The lines defining ``guard`` (the division guard) for printed source whose ``body``
+    (from :func:`to_source`) uses it; none otherwise."""
+    if "guard(" not in body:
+        return []
+    return ["", "def guard(b):",
+            f"    # division guard: |b| < {DIV_GUARD} becomes +-{DIV_GUARD}",
+            "    sign = torch.where(b < 0, -1.0, 1.0)",
+            f"    return torch.where(b.abs() < {DIV_GUARD}, sign * {DIV_GUARD}, b)", ""]
+
+
 def to_source(tree, variables: Sequence[str]) -> str:
     """A Python/torch expression string for ``tree`` (what :func:`compile_tree` computes)."""
     op, args = tree[0], tree[1:]

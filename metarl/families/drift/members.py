@@ -167,16 +167,10 @@ class SymbolicDrift(Drift):
         return f"drift = relu({sp.N(to_sympy(self.tree, syms), 6)})"
 
     def source(self) -> str:
-        from metarl.expression import DIV_GUARD, to_source
+        from metarl.expression import guard_source, to_source
 
         body = to_source(self.tree, SYMBOLIC_INPUTS)
-        lines = ["import torch", ""]
-        if "guard(" in body:
-            lines += ["", "def guard(b):",
-                      f"    # division guard: |b| < {DIV_GUARD} becomes +-{DIV_GUARD}",
-                      "    sign = torch.where(b < 0, -1.0, 1.0)",
-                      f"    return torch.where(b.abs() < {DIV_GUARD}, sign * {DIV_GUARD}, b)",
-                      ""]
+        lines = ["import torch", "", *guard_source(body)]
         lines += ["", "def drift(ratio, advantage, clip_eps=0.2):",
                   "    log_r, r_minus_1, A = torch.log(ratio), ratio - 1.0, advantage",
                   f"    return torch.relu({body})", ""]

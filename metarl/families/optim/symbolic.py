@@ -143,17 +143,11 @@ class SymbolicOptimizer(FeatureOptimizer):
                 f"[{self.reads}'s inputs; u mean-centred, p <- p - u]")
 
     def source(self) -> str:
-        from metarl.expression import DIV_GUARD, to_source
+        from metarl.expression import guard_source, to_source
 
         body = to_source(self.tree, self.inputs)
         names = self.inputs[:-1] if self.stochastic else self.inputs
-        lines = ["import torch", ""]
-        if "guard(" in body:
-            lines += ["", "def guard(b):",
-                      f"    # division guard: |b| < {DIV_GUARD} becomes +-{DIV_GUARD}",
-                      "    sign = torch.where(b < 0, -1.0, 1.0)",
-                      f"    return torch.where(b.abs() < {DIV_GUARD}, sign * {DIV_GUARD}, b)",
-                      ""]
+        lines = ["import torch", "", *guard_source(body)]
         args = "x, eps" if self.stochastic else "x"
         lines += ["", f"def update({args}):",
                   f'    """u before mean-centring; x [..., {len(names)}]: {self.reads}\'s '
