@@ -4,7 +4,11 @@ The per-environment rows are the settings of Goldie et al. 2025 ("How Should We 
 Reinforcement Learning Algorithms?"), which follow purejaxrl's PPO: CartPole-v1 with 4
 environments x 128 steps, 5e5 steps, 4 epochs x 4 minibatches, 64-unit tanh MLPs, Adam
 lr 1e-3 (betas 0.9, 0.999), SGD lr 2.5e-4, PPO reference return 475; Ant with 2048 x 10,
-3e7 steps, 4 x 32, Adam lr 3e-4 (betas 0.99, 0.99), SGD lr 0.17.
+3e7 steps, 4 x 32, Adam lr 3e-4 (betas 0.99, 0.99), SGD lr 0.17; the MinAtar games with
+64 x 128, 1e7 steps, 4 x 8, a 64-unit ReLU MLP and per game Adam lr (betas) / SGD lr /
+PPO reference return: Asterix 3e-3 (0.9, 0.999) / 0.52 / 15.04, Freeway 1e-3 (0.9, 0.99) /
+0.56 / 61.84, Breakout 1e-2 (0.9, 0.99) / 1.017 / 50.08, SpaceInvaders 7e-3 (0.9, 0.99) /
+1.17 / 167.09.
 """
 
 from __future__ import annotations
@@ -101,6 +105,18 @@ ENV_DEFAULTS: dict[str, dict] = {
     "Ant-v4": dict(num_envs=2048, num_steps=10, total_timesteps=30_000_000, update_epochs=4,
                    num_minibatches=32, ent_coef=0.0, hidden=64, activation="tanh", lr=3e-4,
                    adam_b1=0.99, adam_b2=0.99, sgd_lr=0.17),
+    # MinAtar (metarl's torch games, gymnax's semantics): 64 envs x 128 steps, 1e7 steps,
+    # 4 epochs of 8 minibatches, entropy 0.01, a 64-wide ReLU MLP on the flattened grid;
+    # the paper's Adam rate and betas, SGD rate and PPO reference return per game.
+    **{env_id: dict(num_envs=64, num_steps=128, total_timesteps=10_000_000,
+                    update_epochs=4, num_minibatches=8, ent_coef=0.01, hidden=64,
+                    activation="relu", lr=lr, adam_b1=0.9, adam_b2=b2, sgd_lr=sgd_lr,
+                    reference_return=ref)
+       for env_id, lr, b2, sgd_lr, ref in (
+           ("Asterix-MinAtar", 3e-3, 0.999, 0.52, 15.04),
+           ("Freeway-MinAtar", 1e-3, 0.99, 0.56, 61.84),
+           ("Breakout-MinAtar", 1e-2, 0.99, 1.017, 50.08),
+           ("SpaceInvaders-MinAtar", 7e-3, 0.99, 1.17, 167.09))},
     # Not in the paper. Pendulum needs a short horizon (gamma 0.9) and many epochs.
     "Pendulum-v1": dict(num_envs=8, num_steps=256, total_timesteps=400_000, update_epochs=10,
                         num_minibatches=32, ent_coef=0.0, gamma=0.9, hidden=64,

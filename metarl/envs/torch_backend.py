@@ -3,7 +3,8 @@
 They run on the agents' device (no host round trip on CUDA), follow the same next-step
 auto-reset as envpool, and draw their reset states from :mod:`metarl.rng` keyed by each
 environment's seed, so an environment's episodes depend only on its own seed. Dynamics and
-constants follow gymnasium's ``CartPole-v1`` and ``Pendulum-v1``.
+constants follow gymnasium's ``CartPole-v1`` and ``Pendulum-v1``. The MinAtar games
+(:mod:`metarl.envs.minatar`) are registered here too.
 """
 
 from __future__ import annotations
@@ -149,4 +150,12 @@ class Pendulum(_TorchEnv):
         return torch.stack([th, thdot], dim=1), -cost, torch.zeros_like(th, dtype=torch.bool)
 
 
-TORCH_ENVS = {"CartPole-v1": CartPole, "Pendulum-v1": Pendulum}
+def _registry() -> dict:
+    from metarl.envs.minatar import MINATAR_ENVS
+
+    return {"CartPole-v1": CartPole, "Pendulum-v1": Pendulum, **MINATAR_ENVS}
+
+
+#: env id -> constructor ``(num_envs, env_seeds, device)``: classic control here, the
+#: MinAtar games in :mod:`metarl.envs.minatar`
+TORCH_ENVS = _registry()
