@@ -72,6 +72,9 @@ class PPOConfig:
         metadata={"help": "hand-batched actor-critic forward (off: vmap(functional_call))"})
     reference_return: float | None = field(
         default=None, metadata={"help": "PPO reference return used to normalise fitness"})
+    random_return: float | None = field(
+        default=None, metadata={"help": "a uniformly random policy's return, the 0 of the "
+                                        "normalised score (default: measured, per env)"})
 
     @property
     def batch_size(self) -> int:
@@ -123,6 +126,36 @@ ENV_DEFAULTS: dict[str, dict] = {
                         activation="tanh", lr=1e-3, normalize_reward=False),
 }
 
+#: A uniformly random policy's mean return per environment, the 0 of the normalised score
+#: (:func:`normalized_return`), measured once with ``metarl.envs.random_return(env_id)``
+#: (8 episodes of each of 64 environments, seed 0) on 2026-12-01.
+RANDOM_RETURNS: dict[str, float] = {
+    "CartPole-v1": 22.29, "Acrobot-v1": -498.7, "Pendulum-v1": -1235.1,
+    "Asterix-MinAtar": 0.535, "Breakout-MinAtar": 0.426, "Freeway-MinAtar": 0.391,
+    "Seaquest-MinAtar": 0.119, "SpaceInvaders-MinAtar": 4.139,
+}
+
+
+def normalized_return(value, config):
+    """A return on the scale "random policy = 0, PPO reference = 1":
+    ``(R - R_random) / (R_ref - R_random)``, with ``R_random`` the configuration's
+    ``random_return`` (0 when unknown, which is the paper's plain division by the
+    reference). Higher returns always give higher scores, negative returns included
+    (dividing a negative return by a negative reference would reverse the order). Works on
+    floats and tensors. A ``ValueError`` when there is no reference return, or when it is
+    not above the random policy's (the scale would be reversed or undefined)."""
+    ref, rand = config.reference_return, config.random_return or 0.0
+    if ref is None:
+        known = ", ".join(e for e, r in ENV_DEFAULTS.items() if r.get("reference_return"))
+        raise ValueError(f"{config.env_id} has no PPO reference return to normalise by; "
+                         f"pass --reference-return (environments with one: {known})")
+    if not ref > rand:
+        raise ValueError(f"{config.env_id}: the reference return {ref} must be above the "
+                         f"random policy's {rand} (set --random-return for a return that "
+                         f"is negative)")
+    return (value - rand) / (ref - rand)
+
+
 # For ids without their own row: CleanRL-style defaults by action-space type.
 GENERIC_DISCRETE = dict(num_envs=4, num_steps=128, total_timesteps=500_000, update_epochs=4,
                         num_minibatches=4, ent_coef=0.01, lr=2.5e-4)
@@ -156,5 +189,6 @@ def config_for(env_id: str, discrete: bool | None = None, **overrides) -> PPOCon
             discrete = env.spec.discrete
             env.close()
         base = GENERIC_DISCRETE if discrete else GENERIC_CONTINUOUS
-    values = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+    values = {"random_return": RANDOM_RETURNS.get(env_id), **base,
+              **{k: v for k, v in overrides.items() if v is not None}}
     return PPOConfig(env_id=env_id, **values)

@@ -20,6 +20,7 @@ import torch
 
 from metarl import __version__
 from metarl.artifact import load
+from metarl.configs import normalized_return
 from metarl.inner.ppo import prepare_configs, train
 from metarl.logging import RunDir, refuse_other_run
 from metarl.train import parse_seeds
@@ -133,8 +134,11 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
                         c = dataclasses.replace(c, **{lr_name: lr})
                 res = train(c, member, params, seeds, progress=progress)
                 mean, se = _stats(res.final_return)
-                ref = c.reference_return
-                nmean, nse = ((mean / ref, se / ref) if ref else (None, None))
+                nmean = nse = None
+                if c.reference_return is not None and (c.random_return or 0.0) < \
+                        c.reference_return:
+                    nmean = normalized_return(mean, c)
+                    nse = se / (c.reference_return - (c.random_return or 0.0))
                 row["envs"][env_id] = {"final_return": res.final_return, "mean": mean,
                                        "stderr": se, "normalized_mean": nmean,
                                        "normalized_stderr": nse,
@@ -280,9 +284,9 @@ def _markdown(rows, in_dist, general, tuned=None, seed_note: str = "") -> str:
     lines.append("")
     if seed_note:
         lines.append(seed_note)
-    lines.append("Final return, mean ± standard error over seeds; in parentheses, divided by the "
-                 "environment's PPO reference return. The cost to find a distilled algorithm "
-                 "includes its teacher's.")
+    lines.append("Final return, mean ± standard error over seeds; in parentheses, normalised "
+                 "so that a random policy scores 0 and the environment's PPO reference 1. The "
+                 "cost to find a distilled algorithm includes its teacher's.")
     if tuned:
         grid = ", ".join(f"x{f:g}" for f in tuned)
         lines.append(f"The agent learning rate [lr] was tuned per algorithm and environment "

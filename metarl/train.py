@@ -12,6 +12,7 @@ from pathlib import Path
 
 from metarl import __version__
 from metarl.artifact import load
+from metarl.configs import normalized_return
 from metarl.inner.ppo import TrainResult, prepare_configs, train
 from metarl.logging import RunDir, refuse_other_run
 
@@ -98,7 +99,8 @@ def run_train(
                 "wall_time": result.wall_time, "env_steps": result.env_steps,
                 "agent_steps_per_second": result.env_steps / result.wall_time,
                 "reference_return": cfg.reference_return,
-                "normalized_mean": (result.mean / cfg.reference_return
+                "random_return": cfg.random_return,
+                "normalized_mean": (normalized_return(result.mean, cfg)
                                     if cfg.reference_return else None),
             }
         results["wall_time"] = time.perf_counter() - t0

@@ -39,3 +39,21 @@ def test_ppo_trains_on_a_game_with_the_papers_row(env_id):
     # the same seed trains alike alone or in a population
     alone = train(cfg, "ppo-clip", None, [1])
     assert torch.equal(alone.final_return, res.final_return[1:])
+
+
+def test_meta_training_on_breakout_and_cartpole(tmp_path):
+    """`metarl meta-train lpo --envs Breakout-MinAtar CartPole-v1` end to end (a tiny
+    budget): fitness is the mean of each environment's normalised return."""
+    from metarl.cli import main
+
+    out = tmp_path / "run"
+    assert main(["meta-train", "lpo", "--envs", "Breakout-MinAtar", "CartPole-v1",
+                 "--generations", "1", "--popsize", "2", "--eval-every", "1",
+                 "--eval-seeds", "1", "--total-timesteps", "8192", "--wandb", "off",
+                 "--no-progress", "--out", str(out)]) == 0
+    import json
+
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    assert lines and all(torch.isfinite(torch.tensor(x["fitness_mean"])) for x in lines)
+    art = json.loads((out / "results.json").read_text())
+    assert art["generations"] == 1

@@ -131,3 +131,38 @@ def spec_of(env_id: str, backend: str = "auto") -> EnvSpec:
         return env.spec
     finally:
         env.close()
+
+
+def random_return(env_id: str, episodes_per_env: int = 8, num_envs: int = 64, seed: int = 0,
+                  backend: str = "auto", max_steps: int = 1_000_000) -> float:
+    """The mean return of a uniformly random policy on ``env_id`` (actions uniform over the
+    discrete actions, or over the box): the first ``episodes_per_env`` episodes of each of
+    ``num_envs`` environments seeded by ``seed`` (the same number from each, so that short
+    episodes are not over-represented). A random policy scores 0 and the PPO reference 1
+    in :func:`metarl.configs.normalized_return`; the configurations store the values this
+    measures."""
+    env = make(env_id, num_envs, seed=seed, backend=backend)
+    g = torch.Generator().manual_seed(seed)
+    total = torch.zeros(num_envs, dtype=torch.float64)
+    count = torch.zeros(num_envs, dtype=torch.int64)
+    try:
+        env.reset()
+        spec = env.spec
+        if not spec.discrete:
+            low, high = spec.action_bounds()
+        for _ in range(max_steps):
+            if spec.discrete:
+                a = torch.randint(0, spec.num_actions, (num_envs,), generator=g)
+            else:
+                a = low + (high - low) * torch.rand(num_envs, *spec.action_shape, generator=g)
+            step = env.step(a)
+            keep = (step.done & step.valid).cpu() & (count < episodes_per_env)
+            total += torch.where(keep, step.episode_return.cpu().double(), 0.0)
+            count += keep
+            if bool((count >= episodes_per_env).all()):
+                break
+    finally:
+        env.close()
+    if int(count.sum()) == 0:
+        raise ValueError(f"{env_id}: no episode ended in {max_steps} steps of a random policy")
+    return float(total.sum() / count.sum())

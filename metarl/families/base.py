@@ -144,11 +144,13 @@ class Family:
 
         Each member trains in this family's slot (every other slot on its handcrafted
         default) on every environment of ``configs`` (env id -> inner configuration).
-        Fitness is the final return; over several environments, each is divided by the
-        environment's PPO reference return and the results are averaged (the paper's
-        normalisation). Failed members have NaN fitness. ``info`` holds the per-environment
+        Fitness is the final return; over several environments, each is normalised
+        (:func:`metarl.configs.normalized_return`: random policy 0, the environment's PPO
+        reference return 1, so higher is better for negative returns too) and the results
+        are averaged. Failed members have NaN fitness. ``info`` holds the per-environment
         raw and normalised returns and the environment steps spent.
         """
+        from metarl.configs import normalized_return
         from metarl.inner.ppo import train
 
         per_env, raw, steps = {}, {}, 0
@@ -157,7 +159,7 @@ class Family:
             steps += res.env_steps
             raw[env_id] = r = res.final_return.double()
             if len(configs) > 1:
-                r = r / c.reference_return
+                r = normalized_return(r, c)
             per_env[env_id] = r
         fitness = torch.stack(list(per_env.values())).mean(dim=0)
         return fitness, {"per_env": per_env, "raw": raw, "env_steps": steps}

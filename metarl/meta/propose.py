@@ -25,7 +25,8 @@ Each answer must be a JSON object with ``thought``, ``name`` and ``code``. Each 
    loop trains agents with it in the family's slot on the meta-training environments with
    the fixed seeds, **in this process**, asking the child only for the function's values
    and gradients. Fitness is computed here from the raw returns: the mean over
-   environments of the mean final return divided by the environment's reference return. A
+   environments of the mean final return, normalised so that a random policy scores 0 and
+   the environment's PPO reference return 1 (:func:`metarl.configs.normalized_return`). A
    proposal cannot report or alter its own score;
 4. failures score ``FAILED_FITNESS`` (-10000, the paper's) and the model reads
    ``Code not valid. Error: ...``; successes read ``Fitness: X``.
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from metarl import artifact as art_mod
+from metarl.configs import normalized_return
 from metarl.families import FAMILIES, Family, Member, family_of
 from metarl.families.base import FAILED_FITNESS
 from metarl.inner.ppo import prepare_configs, train
@@ -202,10 +204,12 @@ def check_propose_config(cfg: ProposeConfig):
     configs = prepare_configs(list(cfg.envs), **cfg.inner)
     missing = [e for e, c in configs.items() if not c.reference_return]
     if missing:
-        raise ValueError(f"fitness is the final return divided by the environment's PPO "
+        raise ValueError(f"fitness is the final return normalised by the environment's PPO "
                          f"reference return, and {', '.join(missing)} has none; choose "
-                         f"environments with one (CartPole-v1, Acrobot-v1, ...) or pass "
+                         f"environments with one (CartPole-v1, the MinAtar games) or pass "
                          f"--reference-return")
+    for c in configs.values():
+        normalized_return(0.0, c)  # a reference not above the random policy's is refused
     cfg.limits()  # checks the sandbox settings
     return configs
 
@@ -343,7 +347,7 @@ def score_code(code: str, configs: dict, seeds: list[int], cfg: ProposeConfig,
                                            f"losses or parameters for seeds {bad}")
             mean = float(res.final_return.mean())
             per_env[env_id] = {"mean_return": mean,
-                               "normalized": mean / c.reference_return,
+                               "normalized": normalized_return(mean, c),
                                "final_return": res.final_return.tolist()}
     except ProposalError as e:
         return {"fitness": FAILED_FITNESS, "per_env": per_env, "env_steps": env_steps,

@@ -19,6 +19,7 @@ GAMES = {
     "Asterix-MinAtar": ("asterix", "Asterix"),
     "Breakout-MinAtar": ("breakout", "Breakout"),
     "Freeway-MinAtar": ("freeway", "Freeway"),
+    "Seaquest-MinAtar": ("seaquest", "Seaquest"),
     "SpaceInvaders-MinAtar": ("space_invaders", "SpaceInvaders"),
 }
 

@@ -268,7 +268,8 @@ PROPOSAL = DriftProposal(
 - At ratio == 1 the drift is 0 and its derivative with respect to ratio is 0.
 - It must be differentiable with torch autograd (no .item(), numpy or in-place tricks).
 - The agent learning rate is set per environment (tuned for PPO) and annealed linearly
-  to 0; each environment's fitness is the final return divided by PPO's return there.""",
+  to 0; each environment's fitness is the final return on a scale where a random policy
+  scores 0 and PPO scores 1.""",
     example={"thought": "A squared penalty on the log-ratio, stronger where the advantage "
                         "pushes the policy further, keeps the update small and is flat at 1.",
              "name": "weighted_log_ratio_penalty",

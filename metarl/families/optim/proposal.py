@@ -492,7 +492,7 @@ _CONSTRAINTS = """\
 - The update is applied as returned: p <- p - update, with no mean-centring and no
   learning rate or clipping afterwards. The learning rate `lr` is tuned per environment
   for the {warm} starting point and annealed linearly to 0; each environment's fitness
-  is the final return divided by PPO's return there."""
+  is the final return on a scale where a random policy scores 0 and PPO scores 1."""
 
 
 @dataclass(frozen=True)
