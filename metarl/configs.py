@@ -108,6 +108,15 @@ ENV_DEFAULTS: dict[str, dict] = {
     "Ant-v4": dict(num_envs=2048, num_steps=10, total_timesteps=30_000_000, update_epochs=4,
                    num_minibatches=32, ent_coef=0.0, hidden=64, activation="tanh", lr=3e-4,
                    adam_b1=0.99, adam_b2=0.99, sgd_lr=0.17),
+    # The reference code's other continuous-control rows (Brax there, MuJoCo through envpool
+    # here): the Ant row's settings with betas (0.9, 0.999) and their own Adam and SGD rates.
+    # Their PPO reference was copied from Ant in the reference code and is not meaningful,
+    # so none is set.
+    **{env_id: dict(num_envs=2048, num_steps=10, total_timesteps=30_000_000,
+                    update_epochs=4, num_minibatches=32, ent_coef=0.0, hidden=64,
+                    activation="tanh", lr=lr, adam_b1=0.9, adam_b2=0.999, sgd_lr=sgd_lr)
+       for env_id, lr, sgd_lr in (("Humanoid-v4", 3e-4, 0.053), ("Walker2d-v4", 1e-3, 0.52),
+                                  ("Hopper-v4", 8e-4, 0.27))},
     # MinAtar (metarl's torch games, gymnax's semantics): 64 envs x 128 steps, 1e7 steps,
     # 4 epochs of 8 minibatches, entropy 0.01, a 64-wide ReLU MLP on the flattened grid;
     # the paper's Adam rate and betas, SGD rate and PPO reference return per game.
