@@ -22,6 +22,7 @@ Public API:
 docs/sandbox.md says what the isolation does and what it does not protect against.
 
 Modules: :mod:`~metarl.sandbox.core` (the parent's side of one sandbox),
+:mod:`~metarl.sandbox.transport` (its call results, shared region and pipes),
 :mod:`~metarl.sandbox.forkserver` (the parent's side of the fork server),
 ``child.py`` (the fork server and the workers; it imports nothing from metarl),
 ``isolation.py`` (how a worker isolates itself) and ``audit.py`` (the workers' audit

@@ -25,7 +25,6 @@ from the arrays' own memory and read into one preallocated array.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import mmap
@@ -37,13 +36,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
-import torch
 
 from metarl.sandbox.base import REASONS, ProposalError, SandboxError, SandboxLimits
 from metarl.sandbox.forkserver import NOBODY, _fork_server, _ForkServer, _netns
+from metarl.sandbox.transport import CallResult, _as_float32, _grow_pipe, _shared_region
 
 __all__ = ["CallResult", "Sandbox"]
 
@@ -54,25 +53,6 @@ _MAX_HEADER = 1 << 16  # the longest JSON line accepted from a child
 _HEADROOM_MB = 256  # memory_mb must exceed the child's footprint after importing torch by this
 _SHARED_BYTES = 64 << 20  # the shared region: inputs, outputs and gradients of a call that fit
 _PIPE_BYTES = 1 << 20  # the request and reply pipes' buffers, where the kernel allows
-
-
-@dataclass(frozen=True)
-class CallResult:
-    """What one :meth:`Sandbox.call` returns: ``outputs``, the function's output(s), and
-    ``grads``, input name -> d sum(outputs) / d input; float32 arrays of the inputs' shape."""
-
-    outputs: tuple[np.ndarray, ...]
-    grads: dict[str, np.ndarray]
-
-    @property
-    def output(self) -> np.ndarray:
-        """The output of a function with one output."""
-        if len(self.outputs) != 1:
-            raise ValueError(f"the call has {len(self.outputs)} outputs; use .outputs")
-        return self.outputs[0]
-
-
-# -- one sandbox ---------------------------------------------------------------------------
 
 
 class Sandbox:
@@ -198,7 +178,7 @@ class Sandbox:
             self._rep, rep_w = os.pipe()
             out_r, out_w = os.pipe()
             for fd in (self._req, self._rep):
-                _grow_pipe(fd)
+                _grow_pipe(fd, _PIPE_BYTES)
             fds = [req_r, rep_w, out_w]
             shm_fd = _shared_region(_SHARED_BYTES) if _SHARED_BYTES > 0 else None
             if shm_fd is not None:
@@ -607,42 +587,3 @@ class Sandbox:
         return self._fail("died", f"the sandbox process exited {where} with status {code} "
                                   f"(did the proposal call os._exit or close the sandbox's "
                                   f"pipes?)", with_output=True)
-
-
-def _grow_pipe(fd: int) -> None:
-    """Ask for a ``_PIPE_BYTES`` pipe buffer (fewer wake-ups per large message); the kernel
-    caps it at /proc/sys/fs/pipe-max-size for users without CAP_SYS_RESOURCE. Keeps the
-    default (64 KiB) where it refuses."""
-    for size in (_PIPE_BYTES, 1 << 18):
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-            return
-        except (OSError, AttributeError):
-            continue
-
-
-def _shared_region(size: int) -> int | None:
-    """A new ``memfd`` of ``size`` bytes, sealed so that neither side can shrink or grow it
-    (or change the seals): a mapping of it then never faults. None where memfds or seals are
-    not available (the values then go over the pipes)."""
-    try:
-        fd = os.memfd_create("metarl-sandbox", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except (OSError, AttributeError):
-        return None
-    try:
-        os.ftruncate(fd, size)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
-                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-    except (OSError, AttributeError):
-        os.close(fd)
-        return None
-    return fd
-
-
-def _as_float32(x, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float32).numpy()
-    arr = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-    if arr.dtype != np.float32:
-        raise TypeError(f"{name} must be numeric")
-    return arr
