@@ -7,7 +7,7 @@ import sys
 import typing
 from dataclasses import fields
 
-from metarl.configs import PPOConfig
+from metarl.configs import PER_ENV_FIELDS, PPOConfig
 
 SKIP_FIELDS = {"env_id"}
 
@@ -27,7 +27,12 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         args = typing.get_args(tp)
         base = next((a for a in args if a is not type(None)), tp) if args else tp
         help_ = f.metadata.get("help", "")
-        if base is bool:
+        if f.name in PER_ENV_FIELDS:
+            group.add_argument(_flag(f.name), dest=f.name, default=None, action="append",
+                               metavar="[ENV=]VALUE",
+                               help=help_ + "; ENV=VALUE for one of several environments "
+                               "(repeatable)")
+        elif base is bool:
             group.add_argument(_flag(f.name), dest=f.name, default=None,
                                action=argparse.BooleanOptionalAction, help=help_)
         else:
@@ -36,9 +41,16 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 
 
 def config_overrides(ns: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:
-    return {f.name: getattr(ns, f.name) for f in fields(PPOConfig)
-            if f.name not in SKIP_FIELDS and f.name not in skip
-            and getattr(ns, f.name, None) is not None}
+    """The configuration flags given; per-environment ones as a value or ``{env: value}``."""
+    from metarl.configs import parse_env_values
+
+    out = {f.name: getattr(ns, f.name) for f in fields(PPOConfig)
+           if f.name not in SKIP_FIELDS and f.name not in skip
+           and getattr(ns, f.name, None) is not None}
+    for name in PER_ENV_FIELDS:
+        if name in out:
+            out[name] = parse_env_values(out[name], _flag(name))
+    return out
 
 
 def _parse_count(text: str):

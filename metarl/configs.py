@@ -165,6 +165,59 @@ def normalized_return(value, config):
     return (value - rand) / (ref - rand)
 
 
+#: Fields that may be given per environment (``{env_id: value}``, on the command line
+#: ``--reference-return ENV=VALUE``): the two ends of the normalised score.
+PER_ENV_FIELDS = ("reference_return", "random_return")
+
+
+def parse_env_values(items, flag: str):
+    """The values of a per-environment flag given once or more: ``["475"]`` -> ``475.0``
+    (one value, for a single environment); ``["Acrobot-v1=-80", "CartPole-v1=475"]`` ->
+    ``{"Acrobot-v1": -80.0, "CartPole-v1": 475.0}``. A ``ValueError`` names what was wrong."""
+    if items is None or isinstance(items, (int, float, dict)):
+        return items
+    if isinstance(items, str):
+        items = [items]
+    plain, per_env = [], {}
+    for item in items:
+        env_id, sep, text = str(item).rpartition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{flag} takes VALUE or ENV=VALUE (Acrobot-v1=-80), got "
+                             f"{item!r}") from None
+        if not sep:
+            plain.append(value)
+        elif not env_id:
+            raise ValueError(f"{flag} {item!r} names no environment before '='")
+        elif env_id in per_env:
+            raise ValueError(f"{flag} gives {env_id} twice")
+        else:
+            per_env[env_id] = value
+    if plain and (per_env or len(plain) > 1):
+        raise ValueError(f"{flag} is either one VALUE (for a single environment) or "
+                         f"ENV=VALUE once per environment, not both or several VALUEs; "
+                         f"got {list(items)}")
+    return plain[0] if plain else per_env
+
+
+def check_per_env(overrides: dict, envs) -> None:
+    """Per-environment fields must name only ``envs``; a single value is refused when
+    there are several environments (each has its own scale)."""
+    for name in PER_ENV_FIELDS:
+        value, flag = overrides.get(name), "--" + name.replace("_", "-")
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(envs))
+            if unknown:
+                raise ValueError(f"{flag} names {', '.join(unknown)}, which is not among "
+                                 f"the environments ({', '.join(envs)})")
+        elif value is not None and len(envs) > 1:
+            raise ValueError(
+                f"{flag} {value} sets one value for every environment, but each "
+                f"environment has its own scale; give {flag} ENV=VALUE for each one to "
+                f"change (the others keep metarl.configs' values)")
+
+
 # For ids without their own row: CleanRL-style defaults by action-space type.
 GENERIC_DISCRETE = dict(num_envs=4, num_steps=128, total_timesteps=500_000, update_epochs=4,
                         num_minibatches=4, ent_coef=0.01, lr=2.5e-4)
@@ -188,6 +241,11 @@ def config_for(env_id: str, discrete: bool | None = None, **overrides) -> PPOCon
             f"unknown configuration field(s) {sorted(unknown)}; fields are: "
             f"{', '.join(field_names())}"
         )
+    for name in PER_ENV_FIELDS:  # per-environment values: {env_id: value}
+        value = parse_env_values(overrides.get(name), "--" + name.replace("_", "-"))
+        if isinstance(value, dict):
+            value = value.get(env_id)
+        overrides[name] = value
     if env_id in ENV_DEFAULTS:
         base = ENV_DEFAULTS[env_id]
     else:

@@ -122,6 +122,9 @@ def test_wrong_action_shape_or_dtype_says_what_was_expected(backend):
         env.step(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="integer actions"):
         env.step(torch.zeros(4))
+    for bad in ((0, 1, 2, 1), (0, -1, 1, 1)):  # CartPole has actions 0 and 1
+        with pytest.raises(ValueError, match=r"actions must be in \[0, 2\)"):
+            env.step(torch.tensor(bad))
     cont = envs.make("Pendulum-v1", 2, backend=backend)
     cont.reset()
     with pytest.raises(ValueError, match=r"float actions of shape \(2, 1\)"):

@@ -122,7 +122,7 @@ def test_sigkill_mid_generation_then_resume_is_exact(tmp_path, algorithm, strate
     (["lpo", "--envs", "CartPole-v7"], "unknown environment id 'CartPole-v7'"),
     (["lpo", "--envs", "CartPole-v1", "Pendulum-v1"], "no PPO reference return"),
     (["lpo", "--envs", "CartPole-v1", "Acrobot-v1", "--reference-return", "-80"],
-     "--reference-return sets one value for every environment"),
+     "sets one value for every environment"),
     (["lpo", "--sigma", "0"], "sigma must be a positive finite number"),
     (["lpo", "--device", "cuda:0"], "no CUDA device available"),
     (["lpo", "--popsize", "5"], "popsize must be even"),

@@ -108,6 +108,14 @@ class VecEnv:
                     f"(one action in [0, {spec.num_actions}) per environment), got "
                     f"{tuple(actions.shape)} {actions.dtype}"
                 )
+            # The range is checked where reading it is cheap (the CPU); on an accelerator
+            # the check would make the host wait for the device every step.
+            if actions.device.type == "cpu" and actions.numel():
+                lo, hi = torch.aminmax(actions)
+                if int(lo) < 0 or int(hi) >= spec.num_actions:
+                    raise ValueError(
+                        f"{spec.env_id}: actions must be in [0, {spec.num_actions}), got "
+                        f"values from {int(lo)} to {int(hi)}")
         else:
             expected = (self.num_envs, *spec.action_shape)
             if tuple(actions.shape) != expected or not actions.dtype.is_floating_point:

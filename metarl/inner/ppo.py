@@ -203,9 +203,12 @@ def prepare_configs(envs: Sequence[str], **overrides) -> dict[str, PPOConfig]:
     before work starts (unknown id, bad budget, continuous options on a discrete space)."""
     if not envs:
         raise ValueError("--envs is empty: name at least one environment (see `metarl envs`)")
-    from metarl.configs import config_for
+    from metarl.configs import PER_ENV_FIELDS, check_per_env, config_for, parse_env_values
     from metarl.envs import spec_of
 
+    overrides = {k: (parse_env_values(v, "--" + k.replace("_", "-"))
+                     if k in PER_ENV_FIELDS else v) for k, v in overrides.items()}
+    check_per_env(overrides, list(envs))
     configs = {}
     for env_id in envs:
         backend = overrides.get("backend") or "auto"

@@ -86,20 +86,15 @@ def check_evolve_config(cfg: EvolveConfig, resume: bool = False) -> dict[str, PP
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if cfg.wandb not in ("offline", "online", "off"):
         raise ValueError(f"--wandb must be offline, online or off, got {cfg.wandb!r}")
-    if len(cfg.envs) > 1 and cfg.inner.get("reference_return") is not None:
-        raise ValueError(
-            "--reference-return sets one value for every environment, but fitness over "
-            "several environments is normalised by each one's own PPO reference return; "
-            "drop the flag (references come from metarl.configs.ENV_DEFAULTS)"
-        )
     configs = prepare_configs(cfg.envs, **cfg.inner)
     for env_id, c in configs.items():
         if len(cfg.envs) > 1 and not c.reference_return:
             with_ref = [e for e, row in ENV_DEFAULTS.items() if row.get("reference_return")]
             raise ValueError(
                 f"{env_id} has no PPO reference return, which fitness over several "
-                f"environments is normalised by; meta-train on environments that have one "
-                f"({', '.join(with_ref)}), or on {env_id} alone"
+                f"environments is normalised by; give one with --reference-return "
+                f"{env_id}=VALUE (a PPO return at this configuration), meta-train on "
+                f"environments that have one ({', '.join(with_ref)}), or on {env_id} alone"
             )
     strategy_settings(cfg)  # may raise for a bad popsize
     if cfg.init is not None and not resume:
@@ -271,7 +266,12 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
                    "fitness_max": float(fitness.max()),
                    "fitness_min": float(ok.min()) if ok.numel() else None,
                    "failed": int(failed.sum()), "env_steps": env_steps,
-                   **strategy.extras(state)}
+                   **strategy.extras(state),
+                   # per member: fitness, and each environment's raw final return
+                   "member_fitness": [float(f) for f in fitness],
+                   "member_returns": {e: [float(v) if math.isfinite(v) else None
+                                          for v in r.tolist()]
+                                      for e, r in info["raw"].items()}}
             if (gen + 1) % cfg.eval_every == 0 or gen + 1 == cfg.generations:
                 mean = strategy.mean(state)
                 t_eval = time.perf_counter()
@@ -292,8 +292,8 @@ def meta_train(cfg: EvolveConfig, out: str | Path | None = None, resume: bool = 
             wall += time.perf_counter() - t0
             row["wall_time"] = wall
             row["inner_share"] = t_inner / max(time.perf_counter() - t0, 1e-9)
-            history.append({k: v for k, v in row.items() if k not in ("wall_time",
-                                                                       "inner_share")})
+            history.append({k: v for k, v in row.items() if k not in (
+                "wall_time", "inner_share", "member_fitness", "member_returns")})
             run.log(**row)
             run.sync()  # metrics on disk before the checkpoint that points past them
             if logger is not None:

@@ -62,8 +62,22 @@ _DEFLECT = (2, 3, 0, 1)
 _MOVE = (0, -1, 1)
 
 
+_TABLES: dict = {}
+
+
 def _table(values, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=like.device)
+    """``values`` as an int64 tensor on ``like``'s device (made once per device)."""
+    key = (values, like.device)
+    if key not in _TABLES:
+        _TABLES[key] = torch.tensor(values, dtype=torch.int64, device=like.device)
+    return _TABLES[key]
+
+
+def _any_brick(bricks: torch.Tensor) -> torch.Tensor:
+    """``[n]`` bool: the ``[n, 10, 10]`` map holds a brick. The 100 bytes of a row read as
+    25 int32 words, whose maximum is non-zero exactly when one byte is: on the CPU this is
+    over ten times faster than ``any`` over the flattened map."""
+    return bricks.reshape(-1, 100).view(torch.int32).amax(1) != 0
 
 
 class Breakout(Game):
@@ -138,10 +152,8 @@ class Breakout(Game):
         d = torch.where(hit, _table(_FLIP_Y, d)[d], d)
         # 4. bottom row
         bottom = ~on_brick & (y == 9) & ~over
-        empty = ~bricks.flatten(1).any(1)
-        refill = bottom & empty
-        bricks = bricks.clone()
-        bricks[:, 1:4, :] |= refill[:, None, None]
+        refill = bottom & ~_any_brick(bricks)
+        bricks[:, 1:4, :] |= refill[:, None, None]  # ``bricks`` is the scatter's new tensor
         straight = bottom & (old_x == pos)
         edge = bottom & ~straight & (x == pos)
         d = torch.where(straight, _table(_FLIP_Y, d)[d], d)
@@ -159,8 +171,9 @@ class Breakout(Game):
             "bricks": bricks,
             "strike": on_brick,
         }
-        # A terminated game keeps its final state (its bricks were not touched above).
-        new = {k: torch.where(over.reshape(-1, *([1] * (v.dim() - 1))), state[k], v)
+        # A terminated game keeps its final state. Its bricks were not touched above (no
+        # hit, no refill), so only the [n] fields need the choice.
+        new = {k: (v if k == "bricks" else torch.where(over, state[k], v))
                for k, v in new.items()}
         return new, hit.float(), terminated
 
