@@ -406,16 +406,8 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
             obs_buf[:, T] = obs
             values = critic(params, obs_buf.view(P, (T + 1) * N, -1)).view(P, T + 1, N)
 
-            # ---- GAE (next-step auto-reset: obs[t+1] is the final obs when done[t]) ----
-            not_term = (~term_buf).float()
-            not_done = (~done_buf).float()
-            adv_buf = torch.zeros(P, T, N, device=device)
-            adv = torch.zeros(P, N, device=device)
-            g, gl = config.gamma, config.gamma * config.gae_lambda
-            for t in range(T - 1, -1, -1):
-                delta = rew_buf[:, t] + g * values[:, t + 1] * not_term[:, t] - values[:, t]
-                adv = delta + gl * not_done[:, t] * adv
-                adv_buf[:, t] = adv
+            adv_buf = gae(rew_buf, values, term_buf, done_buf, config.gamma,
+                          config.gae_lambda)
             val_buf = values[:, :T]
             ret_buf = adv_buf + val_buf
 
@@ -485,6 +477,32 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
         agent_params=params.detach().cpu(),
         timings={"rollout": t_rollout, "update": t_update},
     )
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor,
+        done: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimates ``[P, T, N]`` of a rollout with next-step auto-reset.
+
+    ``rewards``, ``terminated`` and ``done`` (terminated or truncated) are ``[P, T, N]``;
+    ``values [P, T + 1, N]`` holds the critic's value of each step's observation and of the
+    observation after the last step. With next-step auto-reset, the observation after a
+    step that ended an episode is that episode's final observation, so:
+    ``delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)`` (a truncated
+    episode bootstraps from its final observation) and ``A_t = delta_t + gamma * lam *
+    (1 - done_t) * A_{t+1}`` (no advantage flows across an episode's end). Steps in which
+    an environment reset (``valid`` false) get an estimate too; the loss masks them out.
+    """
+    P, T, N = rewards.shape
+    not_term = (~terminated).to(values.dtype)
+    not_done = (~done).to(values.dtype)
+    out = torch.empty(P, T, N, dtype=values.dtype, device=values.device)
+    adv = torch.zeros(P, N, dtype=values.dtype, device=values.device)
+    gl = gamma * lam
+    for t in range(T - 1, -1, -1):
+        delta = rewards[:, t] + gamma * values[:, t + 1] * not_term[:, t] - values[:, t]
+        adv = delta + gl * not_done[:, t] * adv
+        out[:, t] = adv
+    return out
 
 
 def clip_grads(grads: torch.Tensor, max_norm: float,
