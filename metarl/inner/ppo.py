@@ -40,6 +40,7 @@ from metarl.families import get_family, make_member
 from metarl.families.base import Member
 from metarl.families.drift import Drift
 from metarl.families.optim import AgentLayout, OptimMember, StepContext
+from metarl.inner.losses import clip_grads, gae, policy_logp, ppo_loss
 from metarl.inner.normalize import ObsNormalizer, RewardNormalizer
 from metarl.nets import (
     ActorCritic,
@@ -48,8 +49,6 @@ from metarl.nets import (
     population_forward,
     population_tower,
 )
-
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 # Stream numbers folded into member keys, one per purpose of randomness.
 _S_INIT, _S_ACTION, _S_SHUFFLE = 1, 2, 3
@@ -222,20 +221,6 @@ def prepare_configs(envs: Sequence[str], **overrides) -> dict[str, PPOConfig]:
 # -- the loop -----------------------------------------------------------------------------
 
 
-def _policy(out: torch.Tensor, log_std: torch.Tensor | None, actions: torch.Tensor,
-            entropy: bool = True):
-    """Log-probability of ``actions`` and (unless ``entropy=False``, as when acting)
-    the entropy, for logits or Gaussian means."""
-    if log_std is None:
-        logp_all = torch.log_softmax(out, dim=-1)
-        logp = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        return logp, (-(logp_all.exp() * logp_all).sum(-1) if entropy else None)
-    ls = log_std.unsqueeze(1)  # [P, 1, A]
-    z = (actions - out) * torch.exp(-ls)
-    logp = (-0.5 * z * z - ls - _LOG_SQRT_2PI).sum(-1)
-    return logp, ((ls + 0.5 + _LOG_SQRT_2PI).sum(-1).expand_as(logp) if entropy else None)
-
-
 def resolve_slots(algorithm: Member | str) -> tuple[Member, Drift, OptimMember]:
     """``(member, drift, optimizer)``: the algorithm and the two slots it leaves filled.
 
@@ -386,7 +371,7 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
                     env_action = torch.nan_to_num(action.reshape(P * N, A))
                     if config.clip_action:
                         env_action = torch.maximum(torch.minimum(env_action, high), low)
-                logp, _ = _policy(out, log_std, action, entropy=False)
+                logp, _ = policy_logp(out, log_std, action, entropy=False)
                 step = env.step(env_action)
                 reward = step.reward.reshape(P, N)
                 done = step.done.reshape(P, N)
@@ -434,7 +419,7 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
                 sl = slice(mb * mbs, (mb + 1) * mbs)
                 b_obs, b_act, b_logp, b_val, b_adv, b_ret, b_valid = (x[:, sl] for x in shuffled)
                 taps = {} if opt.needs_activations else None
-                loss = _ppo_loss(config, drift, drift_meta, forward, params, log_std_slice,
+                loss = ppo_loss(config, drift, drift_meta, forward, params, log_std_slice,
                                  b_obs, b_act, b_logp, b_val, b_adv, b_ret, b_valid, taps)
                 (grads,) = torch.autograd.grad(loss.sum(), params)
                 with torch.no_grad():
@@ -478,67 +463,5 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
         timings={"rollout": t_rollout, "update": t_update},
     )
 
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor,
-        done: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
-    """Generalised advantage estimates ``[P, T, N]`` of a rollout with next-step auto-reset.
-
-    ``rewards``, ``terminated`` and ``done`` (terminated or truncated) are ``[P, T, N]``;
-    ``values [P, T + 1, N]`` holds the critic's value of each step's observation and of the
-    observation after the last step. With next-step auto-reset, the observation after a
-    step that ended an episode is that episode's final observation, so:
-    ``delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)`` (a truncated
-    episode bootstraps from its final observation) and ``A_t = delta_t + gamma * lam *
-    (1 - done_t) * A_{t+1}`` (no advantage flows across an episode's end). Steps in which
-    an environment reset (``valid`` false) get an estimate too; the loss masks them out.
-    """
-    P, T, N = rewards.shape
-    not_term = (~terminated).to(values.dtype)
-    not_done = (~done).to(values.dtype)
-    out = torch.empty(P, T, N, dtype=values.dtype, device=values.device)
-    adv = torch.zeros(P, N, dtype=values.dtype, device=values.device)
-    gl = gamma * lam
-    for t in range(T - 1, -1, -1):
-        delta = rewards[:, t] + gamma * values[:, t + 1] * not_term[:, t] - values[:, t]
-        adv = delta + gl * not_done[:, t] * adv
-        out[:, t] = adv
-    return out
-
-
-def clip_grads(grads: torch.Tensor, max_norm: float,
-               actor_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Gradients ``[P, D]`` scaled to a global norm of at most ``max_norm`` per member;
-    with ``actor_mask [D]``, the actor's and the critic's entries separately."""
-    if actor_mask is None:
-        norm = grads.norm(dim=1, keepdim=True)
-        return grads * (max_norm / torch.clamp(norm, min=max_norm))
-    a = actor_mask.to(grads.dtype)
-    na = (grads * a).norm(dim=1, keepdim=True)
-    nc = (grads * (1.0 - a)).norm(dim=1, keepdim=True)
-    scale = torch.where(actor_mask, max_norm / torch.clamp(na, min=max_norm),
-                        max_norm / torch.clamp(nc, min=max_norm))
-    return grads * scale
-
-
-def _ppo_loss(config, drift, meta, forward, params, log_std_slice, obs, act, logp_old,
-              val_old, adv, ret, valid, taps=None):
-    """PPO loss per member ``[P]`` with the drift as the policy objective's regulariser.
-    ``taps``, when a dict, receives the per-layer activations of this forward pass."""
-    out, value = forward(params, obs, taps) if taps is not None else forward(params, obs)
-    log_std = params[:, log_std_slice] if log_std_slice else None
-    logp, entropy = _policy(out, log_std, act)
-    w = valid
-    wsum = w.sum(dim=1).clamp(min=1.0)
-
-    def mean(x):
-        return (x * w).sum(dim=1) / wsum
-
-    mu = mean(adv).unsqueeze(1)
-    std = torch.sqrt(mean((adv - mu) ** 2)).unsqueeze(1)
-    adv = (adv - mu) / (std + 1e-8)
-    ratio = torch.exp(logp - logp_old)
-    drift_value = drift.population(meta, ratio, adv, config.clip_eps)
-    actor_loss = -mean(ratio * adv - drift_value)
-    v_clipped = val_old + (value - val_old).clamp(-config.clip_eps, config.clip_eps)
-    value_loss = 0.5 * mean(torch.maximum((value - ret) ** 2, (v_clipped - ret) ** 2))
-    return actor_loss + config.vf_coef * value_loss - config.ent_coef * mean(entropy)
+# Former private names, kept for code that imported them.
+_policy, _ppo_loss = policy_logp, ppo_loss
