@@ -1,4 +1,4 @@
-"""Throughput of population PPO on CartPole-v1 (the paper's configuration).
+"""Throughput of population PPO (CartPole-v1 by default, the paper's configuration).
 
 For each population size P it trains P agents at once and reports agent-steps per second
 (environment steps summed over members, divided by wall time), then trains members of
@@ -10,6 +10,8 @@ compared with every P.
     python benchmarks/inner_loop.py                       # P = 1, 8, 64, envpool backend
     python benchmarks/inner_loop.py --backend torch --ablate
     python benchmarks/inner_loop.py --sizes 64 --optimisers  # + the optimiser slot at P=64
+    python benchmarks/inner_loop.py --backend torch --compile  # + compile=True at each P
+    python benchmarks/inner_loop.py --env Breakout-MinAtar --sizes 1,8,64 --updates 3
 
 With ``--optimisers``, each optimiser-family member (adam, sgd, and the learned open-ff,
 open, no-features at their seeded initialisation) fills the optimiser slot at the largest
@@ -48,14 +50,23 @@ def main():
     ap.add_argument("--optimisers", action="store_true",
                     help="also measure every optimiser-family member in the optimiser slot "
                          "at the largest P")
+    ap.add_argument("--env", default="CartPole-v1",
+                    help="environment id (its configuration row; e.g. Breakout-MinAtar)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--compile", action="store_true",
+                    help="also measure each P with compile=True: the first call's extra "
+                         "time (compilation) and the rate of a second call")
     ap.add_argument("--ablate", action="store_true",
                     help="also measure P=64 with vmap(functional_call) instead of the fused "
                          "forward, and with the other environment backend")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    base = config_for("CartPole-v1", backend=args.backend, device=args.device)
+    backend = args.backend if args.env == "CartPole-v1" or args.backend != "envpool" else "auto"
+    base = config_for(args.env, backend=backend, device=args.device)
     cfg = base.replace(total_timesteps=base.batch_size * args.updates)
-    print(f"CartPole-v1, {cfg.num_envs} envs x {cfg.num_steps} steps per update, "
+    print(f"{args.env}, {cfg.num_envs} envs x {cfg.num_steps} steps per update, "
           f"{cfg.update_epochs} epochs x {cfg.num_minibatches} minibatches, "
           f"{args.updates} updates, backend {args.backend}, device {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -67,7 +78,8 @@ def main():
     alone = steps / (time.perf_counter() - t0)
     print(f"one at a time: {alone:,.0f} agent-steps/s (mean of {args.alone} members)")
 
-    headline = {"benchmark": "inner_loop", "backend": args.backend, "device": args.device,
+    headline = {"benchmark": "inner_loop", "env": args.env, "backend": backend,
+                "device": args.device, "threads": torch.get_num_threads(),
                 "one_at_a_time_steps_per_s": round(alone)}
     for p in [int(s) for s in args.sizes.split(",")]:
         r, res = rate(cfg, list(range(p)))
@@ -78,6 +90,18 @@ def main():
         headline[f"P{p}_steps_per_s"] = round(r)
         headline[f"P{p}_ratio"] = round(r / alone, 2)
         headline[f"P{p}_rollout_share"] = round(share, 3)
+        if args.compile:
+            first, _ = rate(cfg.replace(compile=True), list(range(p)))
+            rc, res_c = rate(cfg.replace(compile=True), list(range(p)))
+            compile_s = res.env_steps / first - res.env_steps / rc
+            t = res_c.timings
+            print(f"P={p:>3} compiled: {rc:>10,.0f} agent-steps/s   {rc / r:5.2f}x eager   "
+                  f"{rc / alone:6.1f}x one-at-a-time   (rollout "
+                  f"{t['rollout'] / (t['rollout'] + t['update']):.0%}; first call "
+                  f"{compile_s:.1f} s longer: compilation)")
+            headline[f"P{p}_compiled_steps_per_s"] = round(rc)
+            headline[f"P{p}_compiled_over_eager"] = round(rc / r, 3)
+            headline[f"P{p}_compile_s"] = round(compile_s, 1)
 
     if args.optimisers:
         from metarl.families import get_family

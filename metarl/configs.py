@@ -70,6 +70,10 @@ class PPOConfig:
     fused: bool = field(
         default=True,
         metadata={"help": "hand-batched actor-critic forward (off: vmap(functional_call))"})
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the rollout's policy step and the minibatch loss "
+                  "(compiled once per shape and reused by later train() calls)"})
     reference_return: float | None = field(
         default=None, metadata={"help": "PPO reference return used to normalise fitness"})
     random_return: float | None = field(

@@ -41,6 +41,16 @@ class Member(nn.Module):
     name: str = "member"
     #: the family (slot) this member fills
     family: str = ""
+    #: whether its computation can be traced by ``torch.compile`` (``PPOConfig.compile``);
+    #: members that call out of the process (a sandboxed proposal) say False
+    compilable: bool = True
+
+    def compile_key(self):
+        """Members with equal keys compute the same function of (meta-parameters,
+        inputs), so a compiled function built with one serves the others
+        (:mod:`metarl.inner.compiled`). By default a member is only equal to itself;
+        members whose computation is fixed by their class and shapes say so."""
+        return self
 
     @property
     def num_meta_params(self) -> int:

@@ -40,13 +40,13 @@ from metarl.families import get_family, make_member
 from metarl.families.base import Member
 from metarl.families.drift import Drift
 from metarl.families.optim import AgentLayout, OptimMember, StepContext
+from metarl.inner import compiled
 from metarl.inner.losses import clip_grads, gae, policy_logp, ppo_loss
 from metarl.inner.normalize import ObsNormalizer, RewardNormalizer
 from metarl.nets import (
     ActorCritic,
     FlatParams,
     init_population,
-    population_forward,
     population_tower,
 )
 
@@ -302,7 +302,7 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
                                keys)
     opt_state = opt.init(params.detach())
     actor_mask = agent_layout.actor_mask
-    log_std_slice = None
+    log_std_slice = low = high = None
     if not discrete:
         i = layout.names.index("log_std")
         start = sum(layout.sizes[:i])
@@ -312,11 +312,11 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
     obs_norm = ObsNormalizer(P, spec.obs_dim, device) if config.normalize_obs else None
     rew_norm = RewardNormalizer(P, N, config.gamma, device) if config.normalize_reward else None
 
-    def forward(flat, obs, taps=None):
-        return population_forward(model, layout, flat, obs, fused=config.fused, taps=taps)
-
-    def actor(flat, obs):
-        return population_tower(model, layout, flat, "actor", obs, fused=config.fused)
+    # The rollout's policy step and the minibatch loss: compiled (and cached across
+    # calls) with config.compile, else the same functions run eagerly.
+    act = compiled.policy_step(model, layout, config, device, compile=config.compile)
+    loss_fn = compiled.minibatch_loss(model, layout, config, drift, log_std_slice,
+                                      opt.needs_activations, device, compile=config.compile)
 
     def critic(flat, obs):
         return population_tower(model, layout, flat, "critic", obs,
@@ -362,16 +362,7 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
                 noise = rng.normal(k, (T, N, A))
             for t in range(T):
                 # Only the actor acts; the critic runs once on the whole rollout below.
-                out = actor(params, obs)
-                if discrete:
-                    action = torch.argmax(out + noise[:, t], dim=-1)
-                    env_action = action.reshape(P * N)
-                else:
-                    action = out + torch.exp(log_std).unsqueeze(1) * noise[:, t]
-                    env_action = torch.nan_to_num(action.reshape(P * N, A))
-                    if config.clip_action:
-                        env_action = torch.maximum(torch.minimum(env_action, high), low)
-                logp, _ = policy_logp(out, log_std, action, entropy=False)
+                action, env_action, logp = act(params, obs, noise[:, t], log_std, low, high)
                 step = env.step(env_action)
                 reward = step.reward.reshape(P, N)
                 done = step.done.reshape(P, N)
@@ -418,9 +409,8 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
             for mb in range(M):
                 sl = slice(mb * mbs, (mb + 1) * mbs)
                 b_obs, b_act, b_logp, b_val, b_adv, b_ret, b_valid = (x[:, sl] for x in shuffled)
-                taps = {} if opt.needs_activations else None
-                loss = ppo_loss(config, drift, drift_meta, forward, params, log_std_slice,
-                                 b_obs, b_act, b_logp, b_val, b_adv, b_ret, b_valid, taps)
+                loss, taps = loss_fn(params, drift_meta, b_obs, b_act, b_logp, b_val, b_adv,
+                                     b_ret, b_valid)
                 (grads,) = torch.autograd.grad(loss.sum(), params)
                 with torch.no_grad():
                     grads = clip_grads(grads, config.max_grad_norm,

@@ -59,6 +59,9 @@ class PPOClip(Drift):
 
     name = "ppo-clip"
 
+    def compile_key(self):
+        return (type(self),)
+
     def forward(self, ratio, advantage, clip_eps=0.2):
         return torch.relu(ppo_clip_objective_drift(ratio, advantage, clip_eps))
 
@@ -76,6 +79,9 @@ class DPO(Drift):
     def __init__(self, alpha: float = 2.0, beta: float = 0.6):
         super().__init__()
         self.alpha, self.beta = alpha, beta
+
+    def compile_key(self):
+        return (type(self), self.alpha, self.beta)
 
     def forward(self, ratio, advantage, clip_eps=0.2):
         pos = (ratio - 1.0) * advantage
@@ -112,6 +118,10 @@ class LPO(Drift):
         self.l2 = nn.Linear(hidden, 1, bias=False)
         nn.init.zeros_(self.l1.weight)
         nn.init.zeros_(self.l2.weight)
+
+    def compile_key(self):
+        # the meta-parameters are an input of the population call: only the width matters
+        return (type(self), self.hidden)
 
     def network(self, ratio, advantage):
         return self.l2(torch.tanh(self.l1(lpo_features(ratio, advantage)))).squeeze(-1)

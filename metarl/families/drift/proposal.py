@@ -90,6 +90,8 @@ class SandboxedDrift(Drift):
     proposal is elementwise. Raises :class:`ProposalError` from a failing proposal.
     """
 
+    compilable = False  # every call goes to the sandbox's child process
+
     name = "code"
 
     def __init__(self, sandbox: Sandbox):
