@@ -26,6 +26,23 @@ step is masked out) and a truncated episode bootstraps from its final observatio
 JAX loop, like purejaxrl, treats truncation as termination. Sampling differs in its
 random numbers only.
 
+**The hang, and its workaround.** With jax/jaxlib 0.10.2 on a 2-core machine, the JAX
+side hung in its first call for P >= 8 (every try; P = 1 ran), all threads asleep. The
+native stacks (gdb) showed both threads of XLA's intra-op pool inside
+``lapack_sorgqr_ffi`` -> ``jax::ParallelBatchMap`` -> ``BlockingCounter::Wait``: the
+orthogonal initialisation's QR (``jnp.linalg.qr`` in flax's ``orthogonal``), batched by
+``vmap``, runs as a LAPACK custom call on a pool thread and fans the batch out into that
+same pool, then waits; two such calls (independent layers) running at once take every
+thread of a 2-thread pool and wait for each other forever. ``XLA_FLAGS`` with
+``--xla_cpu_multi_thread_eigen=false`` or ``--xla_cpu_use_thunk_runtime=false`` did not
+help, and jax has no option for the pool's size. The workaround here: the orthogonal
+init does its QR by Gram-Schmidt in plain ``jnp`` (``orthogonal`` below; it equals flax's
+initialiser to float32 rounding, same Gaussian draw), so the compiled program has no
+custom call at all (checked before compiling: a warning is printed if one appears).
+
+On a machine with other load, ``--threads 2`` can make torch far slower (its threads
+wait for each other); ``--threads 1`` measures metarl there.
+
     python benchmarks/vs_jax.py                                # P = 1, 8, 64, 5e5 steps
     python benchmarks/vs_jax.py --sizes 8 --total-timesteps 32768
     python benchmarks/vs_jax.py --backend envpool --threads 2
@@ -65,6 +82,25 @@ def make_jax_train(cfg):
     B, U, MB = cfg.batch_size, cfg.num_updates, cfg.minibatch_size
     act = {"tanh": nn.tanh, "relu": nn.relu}[cfg.activation]
 
+    def orthogonal(gain):
+        """Orthogonal init (flax's kernel layout) by Gram-Schmidt: no LAPACK call (see the
+        module docstring on the hang)."""
+
+        def init(key, shape, dtype=jnp.float32):
+            rows, cols = shape
+            a = jax.random.normal(key, (max(rows, cols), min(rows, cols)), dtype)
+
+            def column(q, j):
+                v = a[:, j]
+                for _ in range(2):  # orthogonalise twice: float32 stays orthogonal
+                    v = v - q @ (q.T @ v)
+                return q.at[:, j].set(v / jnp.sqrt(v @ v)), None
+
+            q, _ = jax.lax.scan(column, jnp.zeros_like(a), jnp.arange(a.shape[1]))
+            return gain * (q.T if rows < cols else q)
+
+        return init
+
     class Tower(nn.Module):
         out: int
         head_gain: float
@@ -72,10 +108,8 @@ def make_jax_train(cfg):
         @nn.compact
         def __call__(self, x):
             for _ in range(cfg.layers):
-                x = act(nn.Dense(cfg.hidden, kernel_init=nn.initializers.orthogonal(
-                    math.sqrt(2)), bias_init=nn.initializers.zeros)(x))
-            return nn.Dense(self.out, kernel_init=nn.initializers.orthogonal(self.head_gain),
-                            bias_init=nn.initializers.zeros)(x)
+                x = act(nn.Dense(cfg.hidden, kernel_init=orthogonal(math.sqrt(2)))(x))
+            return nn.Dense(self.out, kernel_init=orthogonal(self.head_gain))(x)
 
     actor, critic = Tower(num_actions, 0.01), Tower(1, 1.0)
 
@@ -194,7 +228,11 @@ def jax_run(cfg, p: int):
 
     keys = jax.vmap(jax.random.key)(jax.numpy.arange(p))
     t0 = time.perf_counter()
-    compiled = jax.jit(jax.vmap(make_jax_train(cfg))).lower(keys).compile()
+    lowered = jax.jit(jax.vmap(make_jax_train(cfg))).lower(keys)
+    if "custom_call" in lowered.as_text():
+        print("warning: the JAX program has a custom call; a batched LAPACK call can hang "
+              "XLA's CPU pool (see the module docstring)")
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     jax.block_until_ready(compiled(keys))  # first call
     t0 = time.perf_counter()
