@@ -171,3 +171,24 @@ def test_drawn_ahead_states_fit_in_their_memory_budget(env_id):
     assert held <= budget or env.block == 1
     # the largest block within the budget (or the default size) was chosen
     assert env.block == MinAtarEnv.block or held + per_block > budget
+
+
+@pytest.mark.parametrize("env_id", sorted(GAMES))
+def test_float_observation_is_the_grid_and_keyless_games_ignore_keys(env_id):
+    """``observe_float`` (what the agents see) is the bool grid as floats, on states met
+    while playing; a game that says it draws nothing while stepping steps the same with
+    any keys."""
+    g = game(env_id)
+    env = MinAtarEnv(g, 64, list(range(64)), "cpu")
+    env.reset()
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(60):
+        env.step(torch.randint(env.spec.num_actions, (64,), generator=gen))
+        grid = g.observe(env.state)
+        assert torch.equal(g.observe_float(env.state), grid.reshape(64, -1).float())
+    if not g.random_steps:
+        a = torch.randint(env.spec.num_actions, (64,), generator=gen)
+        one = g.step(env.state, a, torch.arange(64))
+        other = g.step(env.state, a, None)
+        assert all(torch.equal(one[0][k], other[0][k]) for k in one[0])
+        assert torch.equal(one[1], other[1]) and torch.equal(one[2], other[2])

@@ -52,9 +52,21 @@ class Game:
         (int64 indices into :attr:`actions`)."""
         raise NotImplementedError
 
+    #: whether :meth:`step` reads its ``keys`` (a game without random events says False
+    #: and is passed None, which saves hashing a key per environment and step)
+    random_steps: bool = True
+
     def observe(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """The observation ``[n, 10, 10, len(channels)]`` (bool)."""
         raise NotImplementedError
+
+    def observe_float(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`observe` as float32 ``[n, 10 * 10 * len(channels)]`` (the agents' input).
+        A bool is stored as one byte holding 0 or 1; converting those bytes as uint8 gives
+        the same floats several times faster than torch's bool-to-float cast on the CPU.
+        A game may build its floats directly instead (the same values)."""
+        obs = self.observe(state)
+        return obs.reshape(obs.shape[0], -1).view(torch.uint8).float()
 
 
 def _where(mask: torch.Tensor, a: dict, b: dict) -> dict:
@@ -138,10 +150,7 @@ class MinAtarEnv(VecEnv):
         self._block_age = 0  # steps since the draw (a host counter: no device read)
 
     def _observe(self, state) -> torch.Tensor:
-        # A bool is stored as one byte holding 0 or 1; converting those bytes as uint8 gives
-        # the same floats several times faster than torch's bool-to-float cast on the CPU.
-        obs = self.game.observe(state).reshape(self.num_envs, -1)
-        return obs.view(torch.uint8).float()
+        return self.game.observe_float(state)
 
     def _reset(self) -> torch.Tensor:
         self._resets.zero_()
@@ -172,7 +181,8 @@ class MinAtarEnv(VecEnv):
     def _step(self, actions: torch.Tensor):
         # Environments that ended on the previous step reset now and ignore the action.
         resetting = self._done
-        keys = rng.fold_tensor(self._episode_keys, self._elapsed)
+        keys = (rng.fold_tensor(self._episode_keys, self._elapsed) if self.game.random_steps
+                else None)
         new_state, reward, terminated = self.game.step(self.state, actions.long(), keys)
         self._resets += resetting
         self.state = self._restart(resetting, new_state)

@@ -87,6 +87,7 @@ class Breakout(Game):
     channels = ("paddle", "ball", "trail", "brick")
     actions = ("n", "l", "r")
     max_steps = 1000
+    random_steps = False  # stepping draws no random numbers
 
     # -- reset ------------------------------------------------------------------------
     def _reset_draws(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -187,3 +188,14 @@ class Breakout(Game):
                              state["last_y"] * 10 + state["last_x"]], dim=1)
         cells = cells * 4 + torch.arange(3, device=obs.device)
         return obs.reshape(n, 400).scatter_(1, cells, True).reshape(n, 10, 10, 4)
+
+    def observe_float(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`observe` built directly as float32 ``[n, 400]`` (no bool grid to convert:
+        one pass less over the observation)."""
+        n = state["pos"].shape[0]
+        obs = torch.zeros(n, 100, 4, device=state["pos"].device)
+        obs[..., 3] = state["bricks"].reshape(n, 100)
+        cells = torch.stack([90 + state["pos"], state["ball_y"] * 10 + state["ball_x"],
+                             state["last_y"] * 10 + state["last_x"]], dim=1)
+        cells = cells * 4 + torch.arange(3, device=obs.device)
+        return obs.reshape(n, 400).scatter_(1, cells, 1.0)
