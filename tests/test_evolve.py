@@ -120,7 +120,7 @@ def test_sigkill_mid_generation_then_resume_is_exact(tmp_path, algorithm, strate
     (["lpo", "--init", "nothere.pt"], "--init nothere.pt: no artifact at 'nothere.pt'"),
     (["lpo", "--envs"], "--envs is empty"),
     (["lpo", "--envs", "CartPole-v7"], "unknown environment id 'CartPole-v7'"),
-    (["lpo", "--envs", "CartPole-v1", "Pendulum-v1"], "no PPO reference return"),
+    (["lpo", "--envs", "CartPole-v1", "MountainCar-v0"], "no PPO reference return"),
     (["lpo", "--envs", "CartPole-v1", "Acrobot-v1", "--reference-return", "-80"],
      "sets one value for every environment"),
     (["lpo", "--sigma", "0"], "sigma must be a positive finite number"),

@@ -25,7 +25,12 @@ def test_scale_and_order():
     assert normalized_return(-250.0, pend) > normalized_return(-300.0, pend)
     assert -300.0 / -200.0 > -250.0 / -200.0  # the old rule's reversal
     with pytest.raises(ValueError, match="no PPO reference return"):
-        normalized_return(1.0, config_for("Pendulum-v1"))
+        normalized_return(1.0, config_for("MountainCar-v0", discrete=True))
+    # the stored references of the negative-return rows (metarl's PPO, 8 seeds)
+    for env_id, ref in (("Pendulum-v1", -209.75), ("Acrobot-v1", -83.69)):
+        c = config_for(env_id)
+        assert c.reference_return == ref and normalized_return(ref, c) == pytest.approx(1.0)
+        assert normalized_return(ref - 50.0, c) < normalized_return(ref - 10.0, c) < 1.0
     with pytest.raises(ValueError, match="must be above the random policy's"):
         normalized_return(1.0, config_for("Pendulum-v1", reference_return=-2000.0))
 

@@ -168,14 +168,16 @@ class MinAtarEnv(VecEnv):
                 return new_state
             resets = self._resets[rows]
             fresh = self.game.reset(rng.fold_tensor(self._reset_keys[rows], resets))
-            self._episode_keys[rows] = rng.fold_tensor(self._step_keys[rows], resets)
+            if self.game.random_steps:
+                self._episode_keys[rows] = rng.fold_tensor(self._step_keys[rows], resets)
             return {k: v.index_put((rows,), fresh[k]) for k, v in new_state.items()}
         if self._block_age == self.block:
             self._draw_block()
         self._block_age += 1
         offset = self._resets - self._block_start  # in [0, block) by the schedule
         initial = {k: v[self._env_index, offset] for k, v in self._block_states.items()}
-        self._episode_keys = rng.fold_tensor(self._step_keys, self._resets)
+        if self.game.random_steps:
+            self._episode_keys = rng.fold_tensor(self._step_keys, self._resets)
         return _where(resetting, initial, new_state)
 
     def _step(self, actions: torch.Tensor):
