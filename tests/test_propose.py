@@ -251,7 +251,7 @@ def test_bad_input(tmp_path, monkeypatch, capsys):
         (["propose", "ppo"], "unknown family 'ppo'"),
         (["propose", "lpo"], "set the environment variable OPENAI_API_KEY"),
         (["propose", "lpo", "--base-url", "localhost:8000"], "must start with http"),
-        (["propose", "lpo", "--base-url", "http://127.0.0.1:9/v1", "--envs", "Pendulum-v1"],
+        (["propose", "lpo", "--base-url", "http://127.0.0.1:9/v1", "--envs", "MountainCar-v0"],
          "has none"),
         (["propose", "lpo", "--base-url", "http://127.0.0.1:9/v1", "--resume"],
          "no saved state"),

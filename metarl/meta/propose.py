@@ -206,8 +206,8 @@ def check_propose_config(cfg: ProposeConfig):
     if missing:
         raise ValueError(f"fitness is the final return normalised by the environment's PPO "
                          f"reference return, and {', '.join(missing)} has none; choose "
-                         f"environments with one (CartPole-v1, the MinAtar games) or pass "
-                         f"--reference-return")
+                         f"environments with one (CartPole-v1, Acrobot-v1, Pendulum-v1, the "
+                         f"MinAtar games but Seaquest) or pass --reference-return ENV=VALUE")
     for c in configs.values():
         normalized_return(0.0, c)  # a reference not above the random policy's is refused
     cfg.limits()  # checks the sandbox settings
