@@ -7,13 +7,9 @@ import sys
 import typing
 from dataclasses import fields
 
-from metarl.configs import PER_ENV_FIELDS, PPOConfig
+from metarl.configs import PER_ENV_FIELDS, PPOConfig, flag_of
 
 SKIP_FIELDS = {"env_id"}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -28,15 +24,15 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         base = next((a for a in args if a is not type(None)), tp) if args else tp
         help_ = f.metadata.get("help", "")
         if f.name in PER_ENV_FIELDS:
-            group.add_argument(_flag(f.name), dest=f.name, default=None, action="append",
+            group.add_argument(flag_of(f.name), dest=f.name, default=None, action="append",
                                metavar="[ENV=]VALUE",
                                help=help_ + "; ENV=VALUE for one of several environments "
                                "(repeatable)")
         elif base is bool:
-            group.add_argument(_flag(f.name), dest=f.name, default=None,
+            group.add_argument(flag_of(f.name), dest=f.name, default=None,
                                action=argparse.BooleanOptionalAction, help=help_)
         else:
-            group.add_argument(_flag(f.name), dest=f.name, default=None, type=base,
+            group.add_argument(flag_of(f.name), dest=f.name, default=None, type=base,
                                metavar=base.__name__.upper(), help=help_)
 
 
@@ -49,7 +45,7 @@ def config_overrides(ns: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict
            and getattr(ns, f.name, None) is not None}
     for name in PER_ENV_FIELDS:
         if name in out:
-            out[name] = parse_env_values(out[name], _flag(name))
+            out[name] = parse_env_values(out[name], flag_of(name))
     return out
 
 
@@ -91,12 +87,12 @@ def _grid(ns, teacher: str, method: str):
              "log_ratio_step": ("log_ratio_step",), "adv_range": ("adv_min", "adv_max"),
              "adv_step": ("adv_step",)}
     given: dict = {}
-    flag_of: dict = {}  # option -> the drift flag that set it, for messages
+    set_by: dict = {}  # option -> the drift flag that set it, for messages
     for flag, keys in drift.items():
         value = getattr(ns, flag)
         if value is not None:
             given.update(zip(keys, value if isinstance(value, (list, tuple)) else [value]))
-            flag_of.update(dict.fromkeys(keys, "--" + flag.replace("_", "-")))
+            set_by.update(dict.fromkeys(keys, flag_of(flag)))
     for item in ns.data or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -110,7 +106,7 @@ def _grid(ns, teacher: str, method: str):
     known = {f.name: f for f in dataclasses.fields(base)}
     unknown = sorted(set(given) - set(known))
     options = ", ".join(f"{k}={getattr(base, k)!r}" for k in known)
-    flags = sorted({flag_of[k] for k in unknown if k in flag_of})
+    flags = sorted({set_by[k] for k in unknown if k in set_by})
     if flags:
         raise ValueError(f"{' and '.join(flags)} set the drift family's grid, and the "
                          f"{method} data of {teacher} is a {type(base).__name__}; set its "

@@ -158,6 +158,16 @@ RANDOM_RETURNS: dict[str, float] = {
 }
 
 
+def normalization(config) -> tuple[float, float] | None:
+    """``(R_random, R_ref - R_random)`` of :func:`normalized_return` for ``config``, or
+    None when the scale is undefined (no reference return, or one not above the random
+    policy's)."""
+    ref, rand = config.reference_return, config.random_return or 0.0
+    if ref is None or not ref > rand:
+        return None
+    return rand, ref - rand
+
+
 def normalized_return(value, config):
     """A return on the scale "random policy = 0, PPO reference = 1":
     ``(R - R_random) / (R_ref - R_random)``, with ``R_random`` the configuration's
@@ -166,16 +176,44 @@ def normalized_return(value, config):
     (dividing a negative return by a negative reference would reverse the order). Works on
     floats and tensors. A ``ValueError`` when there is no reference return, or when it is
     not above the random policy's (the scale would be reversed or undefined)."""
-    ref, rand = config.reference_return, config.random_return or 0.0
-    if ref is None:
-        known = ", ".join(e for e, r in ENV_DEFAULTS.items() if r.get("reference_return"))
-        raise ValueError(f"{config.env_id} has no PPO reference return to normalise by; "
-                         f"pass --reference-return (environments with one: {known})")
-    if not ref > rand:
+    scale = normalization(config)
+    if scale is None:
+        ref, rand = config.reference_return, config.random_return or 0.0
+        if ref is None:
+            raise ValueError(f"{config.env_id} has no PPO reference return to normalise by; "
+                             f"pass --reference-return (environments with one: "
+                             f"{', '.join(with_reference())})")
         raise ValueError(f"{config.env_id}: the reference return {ref} must be above the "
                          f"random policy's {rand} (set --random-return for a return that "
                          f"is negative)")
-    return (value - rand) / (ref - rand)
+    rand, span = scale
+    return (value - rand) / span
+
+
+def with_reference() -> list[str]:
+    """The environments whose configuration row has a PPO reference return."""
+    return [e for e, row in ENV_DEFAULTS.items() if row.get("reference_return")]
+
+
+def require_references(configs: dict, context: str) -> None:
+    """Refuse, before any work, configurations whose returns cannot be normalised: an
+    environment without a PPO reference return (``context`` says why one is needed) or
+    with one not above its random policy's."""
+    missing = [e for e, c in configs.items() if c.reference_return is None]
+    if missing:
+        raise ValueError(
+            f"{context}, and {', '.join(missing)} has none: no PPO reference return; give "
+            f"one with --reference-return {missing[0]}=VALUE (a PPO return at this "
+            f"configuration), or choose environments with one "
+            f"({', '.join(with_reference())})")
+    for c in configs.values():
+        normalized_return(0.0, c)  # a reference not above the random policy's is refused
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a configuration field: ``reference_return`` ->
+    ``--reference-return``."""
+    return "--" + name.replace("_", "-")
 
 
 #: Fields that may be given per environment (``{env_id: value}``, on the command line
@@ -214,11 +252,14 @@ def parse_env_values(items, flag: str):
     return plain[0] if plain else per_env
 
 
-def check_per_env(overrides: dict, envs) -> None:
-    """Per-environment fields must name only ``envs``; a single value is refused when
-    there are several environments (each has its own scale)."""
+def resolve_per_env(overrides: dict, envs) -> dict:
+    """``overrides`` with the per-environment fields parsed (:func:`parse_env_values`) and
+    checked against ``envs``: an ``ENV=VALUE`` must name one of them, and a single value
+    is refused when there are several environments (each has its own scale)."""
+    out = dict(overrides)
     for name in PER_ENV_FIELDS:
-        value, flag = overrides.get(name), "--" + name.replace("_", "-")
+        flag = flag_of(name)
+        value = out[name] = parse_env_values(out.get(name), flag)
         if isinstance(value, dict):
             unknown = sorted(set(value) - set(envs))
             if unknown:
@@ -229,6 +270,7 @@ def check_per_env(overrides: dict, envs) -> None:
                 f"{flag} {value} sets one value for every environment, but each "
                 f"environment has its own scale; give {flag} ENV=VALUE for each one to "
                 f"change (the others keep metarl.configs' values)")
+    return out
 
 
 # For ids without their own row: CleanRL-style defaults by action-space type.
@@ -255,7 +297,7 @@ def config_for(env_id: str, discrete: bool | None = None, **overrides) -> PPOCon
             f"{', '.join(field_names())}"
         )
     for name in PER_ENV_FIELDS:  # per-environment values: {env_id: value}
-        value = parse_env_values(overrides.get(name), "--" + name.replace("_", "-"))
+        value = parse_env_values(overrides.get(name), flag_of(name))
         if isinstance(value, dict):
             value = value.get(env_id)
         overrides[name] = value

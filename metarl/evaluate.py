@@ -20,7 +20,7 @@ import torch
 
 from metarl import __version__
 from metarl.artifact import load
-from metarl.configs import normalized_return
+from metarl.configs import normalization, normalized_return
 from metarl.inner.ppo import prepare_configs, train
 from metarl.logging import RunDir, refuse_other_run
 from metarl.train import parse_seeds
@@ -135,10 +135,8 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
                 res = train(c, member, params, seeds, progress=progress)
                 mean, se = _stats(res.final_return)
                 nmean = nse = None
-                if c.reference_return is not None and (c.random_return or 0.0) < \
-                        c.reference_return:
-                    nmean = normalized_return(mean, c)
-                    nse = se / (c.reference_return - (c.random_return or 0.0))
+                if (scale := normalization(c)) is not None:
+                    nmean, nse = normalized_return(mean, c), se / scale[1]
                 row["envs"][env_id] = {"final_return": res.final_return, "mean": mean,
                                        "stderr": se, "normalized_mean": nmean,
                                        "normalized_stderr": nse,

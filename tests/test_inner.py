@@ -4,7 +4,8 @@ import torch
 from metarl import rng
 from metarl.configs import config_for
 from metarl.families.drift import LPO, PPOClip
-from metarl.inner.ppo import _ppo_loss, train
+from metarl.inner.losses import ppo_loss
+from metarl.inner.ppo import train
 from metarl.nets import ActorCritic, FlatParams, init_population, population_forward
 
 
@@ -53,8 +54,8 @@ def test_zero_lpo_equals_ppo_clip_up_to_offset(tiny_cartpole):
             logp_old, torch.randn(2, 64), torch.randn(2, 64), torch.randn(2, 64),
             torch.ones(2, 64))
     lpo = LPO()
-    loss_ppo = _ppo_loss(cfg, PPOClip(), torch.zeros(2, 0), *args)
-    loss_lpo = _ppo_loss(cfg, lpo, torch.zeros(2, lpo.num_meta_params), *args)
+    loss_ppo = ppo_loss(cfg, PPOClip(), torch.zeros(2, 0), *args)
+    loss_lpo = ppo_loss(cfg, lpo, torch.zeros(2, lpo.num_meta_params), *args)
     assert (loss_ppo - loss_lpo).abs().max() <= 1e-4 + 1e-6
 
 

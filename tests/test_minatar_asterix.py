@@ -22,7 +22,7 @@ import torch
 
 from metarl import rng
 from metarl.envs.minatar.asterix import Asterix
-from metarl.envs.minatar.base import MinAtarEnv, _where
+from metarl.envs.minatar.base import _where
 
 jax = pytest.importorskip("jax")
 pytest.importorskip("gymnax")
@@ -247,38 +247,3 @@ def test_observe_channel_order_is_gymnax():
     assert ours.shape == (256, 10, 10, 4) and len(GAME.channels) == 4
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert all(ours[..., c].any() for c in range(4))
-
-
-def _actions(seeds: list[int], t: int) -> torch.Tensor:
-    """An action per environment that depends only on its seed and the step."""
-    return rng.bits(rng.fold(rng.seed_keys(seeds), t), ()) % 5
-
-
-def test_wrapper_auto_reset_returns_and_batch_independence():
-    seeds = list(range(8))
-    env = MinAtarEnv(Asterix(), 8, seeds, "cpu")
-    obs = env.reset()
-    assert obs.shape == (8, 400) and obs.dtype == torch.float32
-    running = torch.zeros(8)
-    ended = 0
-    trace = []
-    for t in range(3000):
-        s = env.step(_actions(seeds, t))
-        running += s.reward
-        done = s.done
-        if done.any():
-            torch.testing.assert_close(s.episode_return[done], running[done])
-            ended += int(done.sum())
-        running = torch.where(done, 0.0, running)
-        trace.append((s.obs[[2, 5]], s.reward[[2, 5]], done[[2, 5]]))
-    assert ended >= 8
-    # the same seeds in another batch (other neighbours, other positions): same course
-    other = [5, 100, 2]
-    env2 = MinAtarEnv(Asterix(), 3, other, "cpu")
-    env2.reset()
-    for t in range(3000):
-        s = env2.step(_actions(other, t))
-        obs, rew, done = trace[t]
-        torch.testing.assert_close(s.obs[[2, 0]], obs, rtol=0, atol=0)
-        torch.testing.assert_close(s.reward[[2, 0]], rew, rtol=0, atol=0)
-        assert torch.equal(s.done[[2, 0]], done)

@@ -24,6 +24,7 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("gymnax")
 jnp = jax.numpy
 from gymnax.environments.minatar.freeway import EnvState, MinFreeway  # noqa: E402
+from minatar_oracle import assert_transition_matches  # noqa: E402
 
 
 def _velocities(key):
@@ -100,13 +101,8 @@ def test_steps_match_gymnax(gym):
             action.numpy().astype(np.int32)), params)
         draws = {"velocity": torch.from_numpy(np.asarray(gdraws(jkeys)).astype(np.int64))}
         new, rew, term = game._transition(state, action, draws)
-        where = f"at step {t}"
-        np.testing.assert_array_equal(game.observe(new).numpy(),
-                                      np.asarray(obs_g).astype(bool), err_msg=where)
-        np.testing.assert_array_equal(rew.numpy(), np.asarray(rew_g), err_msg=where)
-        np.testing.assert_array_equal(term.numpy(), np.asarray(done_g), err_msg=where)
-        assert rew.dtype == torch.float32 and term.dtype == torch.bool
-        assert_same_state(new, st_g, where)
+        assert_transition_matches(game, new, rew, term, obs_g, st_g, rew_g, done_g,
+                                  assert_same_state, f"at step {t}")
 
         moved_up = (new["pos"] < state["pos"])
         counts["cross"] += int(rew.sum())

@@ -192,3 +192,42 @@ def test_float_observation_is_the_grid_and_keyless_games_ignore_keys(env_id):
         other = g.step(env.state, a, None)
         assert all(torch.equal(one[0][k], other[0][k]) for k in one[0])
         assert torch.equal(one[1], other[1]) and torch.equal(one[2], other[2])
+
+
+def _seed_actions(seeds: list[int], t: int, num_actions: int) -> torch.Tensor:
+    """An action per environment that depends only on its seed and the step."""
+    return rng.bits(rng.fold(rng.seed_keys(seeds), t), ()) % num_actions
+
+
+@pytest.mark.parametrize("env_id", ["Asterix-MinAtar", "SpaceInvaders-MinAtar"])
+def test_wrapper_auto_reset_returns_and_batch_independence(env_id):
+    """Episode returns are the sums of the rewards since the last end, and a seed's course
+    is the same in another batch (other neighbours, other positions)."""
+    g = game(env_id)
+    A = len(g.actions)
+    seeds = list(range(8))
+    env = MinAtarEnv(g, 8, seeds, "cpu")
+    obs = env.reset()
+    assert obs.shape == (8, 100 * len(g.channels)) and obs.dtype == torch.float32
+    running = torch.zeros(8)
+    ended = 0
+    trace = []
+    for t in range(3000):
+        s = env.step(_seed_actions(seeds, t, A))
+        running += s.reward
+        done = s.done
+        if done.any():
+            torch.testing.assert_close(s.episode_return[done], running[done])
+            ended += int(done.sum())
+        running = torch.where(done, 0.0, running)
+        trace.append((s.obs[[2, 5]], s.reward[[2, 5]], done[[2, 5]]))
+    assert ended >= 8
+    other = [5, 100, 2]
+    env2 = MinAtarEnv(game(env_id), 3, other, "cpu")
+    env2.reset()
+    for t in range(3000):
+        s = env2.step(_seed_actions(other, t, A))
+        obs, rew, done = trace[t]
+        torch.testing.assert_close(s.obs[[2, 0]], obs, rtol=0, atol=0)
+        torch.testing.assert_close(s.reward[[2, 0]], rew, rtol=0, atol=0)
+        assert torch.equal(s.done[[2, 0]], done)

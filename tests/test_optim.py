@@ -11,7 +11,8 @@ from metarl.families import get_family, make_member
 from metarl.families.optim import AgentLayout, StepContext
 from metarl.families.optim.features import DECAYS, no_features, open_features, update_momenta
 from metarl.families.optim.learned import LearnedUpdate
-from metarl.inner.ppo import clip_grads, train
+from metarl.inner.losses import clip_grads
+from metarl.inner.ppo import train
 from metarl.nets import ActorCritic, FlatParams
 
 OPTIM = get_family("optim")

@@ -41,7 +41,7 @@ from metarl.families.base import Member
 from metarl.families.drift import Drift
 from metarl.families.optim import AgentLayout, OptimMember, StepContext
 from metarl.inner import compiled
-from metarl.inner.losses import clip_grads, gae, policy_logp, ppo_loss
+from metarl.inner.losses import clip_grads, gae
 from metarl.inner.normalize import ObsNormalizer, RewardNormalizer
 from metarl.nets import (
     ActorCritic,
@@ -202,12 +202,10 @@ def prepare_configs(envs: Sequence[str], **overrides) -> dict[str, PPOConfig]:
     before work starts (unknown id, bad budget, continuous options on a discrete space)."""
     if not envs:
         raise ValueError("--envs is empty: name at least one environment (see `metarl envs`)")
-    from metarl.configs import PER_ENV_FIELDS, check_per_env, config_for, parse_env_values
+    from metarl.configs import config_for, resolve_per_env
     from metarl.envs import spec_of
 
-    overrides = {k: (parse_env_values(v, "--" + k.replace("_", "-"))
-                     if k in PER_ENV_FIELDS else v) for k, v in overrides.items()}
-    check_per_env(overrides, list(envs))
+    overrides = resolve_per_env(overrides, list(envs))
     configs = {}
     for env_id in envs:
         backend = overrides.get("backend") or "auto"
@@ -452,6 +450,3 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
         agent_params=params.detach().cpu(),
         timings={"rollout": t_rollout, "update": t_update},
     )
-
-# Former private names, kept for code that imported them.
-_policy, _ppo_loss = policy_logp, ppo_loss

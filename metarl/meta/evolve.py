@@ -24,7 +24,7 @@ import torch
 
 from metarl import __version__, rng
 from metarl.artifact import network_artifact, save
-from metarl.configs import ENV_DEFAULTS, PPOConfig
+from metarl.configs import PPOConfig, require_references
 from metarl.families import family_of, learned_names
 from metarl.families.base import FAILED_FITNESS
 from metarl.inner.ppo import prepare_configs
@@ -87,15 +87,9 @@ def check_evolve_config(cfg: EvolveConfig, resume: bool = False) -> dict[str, PP
     if cfg.wandb not in ("offline", "online", "off"):
         raise ValueError(f"--wandb must be offline, online or off, got {cfg.wandb!r}")
     configs = prepare_configs(cfg.envs, **cfg.inner)
-    for env_id, c in configs.items():
-        if len(cfg.envs) > 1 and not c.reference_return:
-            with_ref = [e for e, row in ENV_DEFAULTS.items() if row.get("reference_return")]
-            raise ValueError(
-                f"{env_id} has no PPO reference return, which fitness over several "
-                f"environments is normalised by; give one with --reference-return "
-                f"{env_id}=VALUE (a PPO return at this configuration), meta-train on "
-                f"environments that have one ({', '.join(with_ref)}), or on {env_id} alone"
-            )
+    if len(cfg.envs) > 1:
+        require_references(configs, "fitness over several environments is normalised by "
+                                    "each one's PPO reference return")
     strategy_settings(cfg)  # may raise for a bad popsize
     if cfg.init is not None and not resume:
         initial_params(cfg)  # an unreadable or mismatched artifact fails now

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from metarl import artifact as art_mod
-from metarl.configs import normalized_return
+from metarl.configs import normalized_return, require_references
 from metarl.families import FAMILIES, Family, Member, family_of
 from metarl.families.base import FAILED_FITNESS
 from metarl.inner.ppo import prepare_configs, train
@@ -202,14 +202,8 @@ def check_propose_config(cfg: ProposeConfig):
     if not cfg.model:
         raise ValueError("--model is empty; give the model name the endpoint serves")
     configs = prepare_configs(list(cfg.envs), **cfg.inner)
-    missing = [e for e, c in configs.items() if not c.reference_return]
-    if missing:
-        raise ValueError(f"fitness is the final return normalised by the environment's PPO "
-                         f"reference return, and {', '.join(missing)} has none; choose "
-                         f"environments with one (CartPole-v1, Acrobot-v1, Pendulum-v1, the "
-                         f"MinAtar games but Seaquest) or pass --reference-return ENV=VALUE")
-    for c in configs.values():
-        normalized_return(0.0, c)  # a reference not above the random policy's is refused
+    require_references(configs, "fitness is the final return normalised by the "
+                                "environment's PPO reference return")
     cfg.limits()  # checks the sandbox settings
     return configs
 
