@@ -6,6 +6,7 @@ import torch
 from metarl.configs import config_for
 from metarl.inner import compiled
 from metarl.inner.ppo import resolve_slots, train
+from metarl.inner.towers import Towers
 from metarl.nets import ActorCritic, FlatParams, init_population
 
 TINY = dict(total_timesteps=1024, backend="torch")
@@ -24,39 +25,40 @@ def _minibatch(P=3, B=64, obs_dim=4, A=2, seed=0):
 
 
 @pytest.mark.parametrize("algorithm", ["ppo-clip", "lpo"])
-def test_compiled_minibatch_loss_and_gradient_equal_eager(algorithm):
-    """One minibatch: the compiled loss and its gradient equal the eager ones to 1e-5
-    (relative), for a handcrafted drift and a network drift (LPO, under vmap)."""
+def test_compiled_loss_head_and_gradient_equal_eager(algorithm):
+    """One minibatch through the towers and the loss head: with the head compiled, the
+    loss and the parameters' gradient equal the eager ones to 1e-5 (relative), for a
+    handcrafted drift and a network drift (LPO)."""
     cfg = config_for("CartPole-v1", **TINY)
     member, drift, _ = resolve_slots(algorithm)
     model = ActorCritic(4, 2, True, cfg.hidden, cfg.layers, cfg.activation)
     layout = FlatParams(model)
-    params = init_population(model, torch.arange(3)).requires_grad_(True)
+    towers = Towers(model, layout)
+    params = init_population(model, torch.arange(3))
     meta = (torch.randn(3, drift.num_meta_params, generator=torch.Generator().manual_seed(1))
             * 0.1 if drift.num_meta_params else torch.zeros(3, 0))
-    batch = _minibatch()
+    obs, *rest = _minibatch()
     out = {}
     for comp in (False, True):
-        fn = compiled.minibatch_loss(model, layout, cfg, drift, None, False, "cpu",
-                                     compile=comp)
-        loss, taps = fn(params, meta, *batch)
-        (grad,) = torch.autograd.grad(loss.sum(), params)
-        out[comp] = (loss.detach(), grad)
-        assert taps is None
+        head = compiled.loss_head(cfg, drift, True, "cpu", compile=comp)
+        grads = torch.zeros_like(params)
+        loss = towers.loss_and_grads(params, head, None, grads, obs, meta, *rest)
+        out[comp] = (loss, grads)
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_training_equals_eager_and_reuses_its_compilation():
-    """A short CartPole run (3 members, 2 updates): compiled and eager agents end within
-    1e-4 of each other with the same returns; a second compiled run with the same member
-    builds nothing new and gives bit-identical results."""
+    """A short CartPole run (3 members, 2 updates): compiled (the environment's step and
+    the loss head) and eager agents end within 1e-4 of each other with the same returns; a
+    second compiled run with the same member builds nothing new and gives bit-identical
+    results."""
     cfg = config_for("CartPole-v1", **TINY)
     member, _, _ = resolve_slots("ppo-clip")
     eager = train(cfg, member, None, [0, 1, 2])
     built = dict(compiled.BUILT)
     first = train(cfg.replace(compile=True), member, None, [0, 1, 2])
-    assert compiled.BUILT["policy"] <= built["policy"] + 1
+    assert compiled.BUILT["env"] <= built["env"] + 1
     assert compiled.BUILT["loss"] <= built["loss"] + 1
     built = dict(compiled.BUILT)
     second = train(cfg.replace(compile=True), member, None, [0, 1, 2])
@@ -78,10 +80,12 @@ def test_a_member_that_cannot_be_traced_runs_eagerly():
         compilable = False
 
     model = ActorCritic(4, 2, True)
+    layout = FlatParams(model)
     built = dict(compiled.BUILT)
-    fn = compiled.minibatch_loss(model, FlatParams(model), cfg, Opaque(), None, False, "cpu",
-                                 compile=True)
+    head = compiled.loss_head(cfg, Opaque(), True, "cpu", compile=True)
     assert compiled.BUILT == built
     params = init_population(model, torch.arange(3))
-    loss, _ = fn(params, torch.zeros(3, 0), *_minibatch())
+    obs, *rest = _minibatch()
+    loss = Towers(model, layout).loss_and_grads(params, head, None, torch.zeros_like(params),
+                                                obs, torch.zeros(3, 0), *rest)
     assert loss.shape == (3,) and torch.isfinite(loss).all()

@@ -71,10 +71,24 @@ class VecEnv:
         self._prev_done.zero_()
         return self._reset()
 
+    #: whether :meth:`step_unchecked` can be traced by ``torch.compile`` (torch tensor
+    #: code with no host reads once :meth:`prepare_trace` has run)
+    traceable: bool = False
+
+    def prepare_trace(self) -> None:
+        """Switch to code ``torch.compile`` can trace whole (only where :attr:`traceable`);
+        the numbers stay the same."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be traced")
+
     def step(self, actions: torch.Tensor) -> Step:
         """Step every environment with ``actions`` (``[num_envs]`` integer actions for a
         discrete space, ``[num_envs, *action_shape]`` floats for a continuous one)."""
         self.check_actions(actions)
+        return self.step_unchecked(actions)
+
+    def step_unchecked(self, actions: torch.Tensor) -> Step:
+        """:meth:`step` without the check of the actions (for callers whose actions are
+        valid by construction, such as the inner loop's policy)."""
         obs, reward, terminated, truncated = self._step(actions)
         valid = ~self._prev_done
         reward = reward * valid

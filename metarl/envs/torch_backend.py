@@ -22,6 +22,10 @@ class _TorchEnv(VecEnv):
     max_steps: int
     #: reset states drawn ahead per environment (one draw serves this many resets)
     block = 32
+    traceable = True
+    #: draw every environment's next initial state each step (no host read), as off the
+    #: CPU; set by :meth:`prepare_trace`
+    direct_resets = False
 
     def __init__(self, spec: EnvSpec, num_envs: int, env_seeds: list[int], device):
         super().__init__(spec, num_envs, device)
@@ -46,8 +50,9 @@ class _TorchEnv(VecEnv):
 
     def _next_initial(self) -> torch.Tensor:
         """Initial states for each environment's current reset count ``[N, state_dim]``."""
-        if self.device.type != "cpu":
-            # Checking the block would sync with the host every step; drawing is cheap here.
+        if self.device.type != "cpu" or self.direct_resets:
+            # Checking the block would sync with the host every step (and break a traced
+            # graph); drawing is cheap here. The r-th initial state is the same either way.
             return self._initial_state(rng.fold_tensor(self._keys, self._resets))
         offset = self._resets - self._block_start
         if bool((offset >= self.block).any()):
@@ -57,6 +62,9 @@ class _TorchEnv(VecEnv):
 
     def _uniform(self, keys: torch.Tensor, low: float, high: float, dim: int) -> torch.Tensor:
         return low + (high - low) * rng.uniform(keys, (dim,))
+
+    def prepare_trace(self) -> None:
+        self.direct_resets = True
 
     def _reset(self) -> torch.Tensor:
         self._resets.zero_()

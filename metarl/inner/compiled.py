@@ -30,14 +30,15 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from metarl.inner.losses import policy_logp, ppo_loss
+from metarl.inner.losses import policy_logp, ppo_loss, ppo_objective
+from metarl.inner.towers import Towers
 from metarl.nets import population_forward, population_tower
 
 #: compiled functions kept at once (least recently used dropped first)
 MAX_ENTRIES = 32
 _CACHE: OrderedDict[Hashable, Callable] = OrderedDict()
 #: how many functions were built (compiled) since the process started, by kind
-BUILT: dict[str, int] = {"policy": 0, "loss": 0}
+BUILT: dict[str, int] = {"policy": 0, "env": 0, "loss": 0}
 
 
 def clear() -> None:
@@ -65,16 +66,26 @@ def _structure(model, config, device) -> tuple:
     return (shapes, config.activation, config.fused, model.discrete, str(device))
 
 
+def acting_weights(model, layout, config, params: torch.Tensor):
+    """What :func:`policy_step` reads: the actor's layers laid out for acting
+    (:meth:`metarl.inner.towers.Towers.actor_weights`), or ``params`` itself with
+    ``fused=False``. Made once per rollout (the parameters do not change during one)."""
+    return Towers(model, layout).actor_weights(params) if config.fused else params
+
+
 def policy_step(model, layout, config, device, compile: bool = True) -> Callable:
-    """``fn(params, obs, noise, log_std, low, high) -> (action, env_action, logp)`` for
+    """``fn(weights, obs, noise, log_std, low, high) -> (action, env_action, logp)`` for
     one rollout step of the population (``obs [P, N, obs_dim]``, ``noise [P, N, A]``);
-    ``log_std``, ``low`` and ``high`` are None for a discrete policy. The same code runs
-    eagerly with ``compile=False``."""
+    ``weights`` is :func:`acting_weights` of the parameters; ``log_std``, ``low`` and
+    ``high`` are None for a discrete policy. The same code runs eagerly with
+    ``compile=False``."""
     discrete, clip, fused = model.discrete, bool(config.clip_action), config.fused
+    towers = Towers(model, layout)
 
     def build():
-        def fn(params, obs, noise, log_std, low, high):
-            out = population_tower(model, layout, params, "actor", obs, fused=fused)
+        def fn(weights, obs, noise, log_std, low, high):
+            out = (towers.act(weights, obs) if fused else
+                   population_tower(model, layout, weights, "actor", obs, fused=False))
             P, N = out.shape[0], out.shape[1]
             if discrete:
                 action = torch.argmax(out + noise, dim=-1)
@@ -94,34 +105,98 @@ def policy_step(model, layout, config, device, compile: bool = True) -> Callable
     return _cached("policy", (_structure(model, config, device), clip), build)
 
 
-def minibatch_loss(model, layout, config, drift, log_std_slice, needs_taps: bool,
-                   device, compile: bool = True) -> Callable:
+def rollout_step(model, layout, config, env, device, compile: bool = True) -> Callable:
+    """``fn(env, weights, obs, noise, log_std, low, high, ep_sum, ep_count, last_return) ->
+    (action, logp, next_obs, reward, terminated, done, valid, ep_sum, ep_count,
+    last_return)``: one step of the rollout for the population, the policy acting
+    (:func:`policy_step`) and ``env`` stepping, every result shaped ``[P, N, ...]``. The
+    episode statistics come in and go out updated: the sum and count of the returns of
+    episodes that ended, and each environment's last ended episode's return.
+
+    With ``compile`` and an environment that can be traced (the torch-native ones,
+    :attr:`metarl.envs.base.VecEnv.traceable`), the policy and the environment's step are
+    one compiled graph: the element-wise work of both becomes a few fused kernels instead
+    of a few hundred small operations. Other environments step eagerly after a compiled
+    policy step; eagerly (``compile=False``) the environment checks the actions. The
+    observation returned is the environment's own where it is a fresh tensor (a traced
+    step's), otherwise a copy (envpool may reuse its buffer)."""
+    traced = compile and env.traceable
+    policy = policy_step(model, layout, config, device, compile=compile and not traced)
+
+    def env_step(stepper, copy_obs):
+        def fn(env, env_action, P, N, ep_sum, ep_count, last_return):
+            step = stepper(env, env_action)
+            next_obs = step.obs.reshape(P, N, -1)
+            done = step.done.reshape(P, N)
+            ep_ret = step.episode_return.reshape(P, N)
+            return (next_obs.clone() if copy_obs else next_obs, step.reward.reshape(P, N),
+                    step.terminated.reshape(P, N), done, step.valid.reshape(P, N),
+                    ep_sum + ep_ret, ep_count + done, torch.where(done, ep_ret, last_return))
+
+        return fn
+
+    if traced:
+        env.prepare_trace()
+        stepper = _cached("env", (type(env), str(device)),
+                          lambda: env_step(type(env).step_unchecked, False))
+    else:
+        stepper = env_step(type(env).step, True)
+
+    def fn(env, weights, obs, noise, log_std, low, high, ep_sum, ep_count, last_return):
+        action, env_action, logp = policy(weights, obs, noise, log_std, low, high)
+        P, N = logp.shape
+        return (action, logp, *stepper(env, env_action, P, N, ep_sum, ep_count, last_return))
+
+    return fn
+
+
+def minibatch_loss(model, layout, config, drift, log_std_slice, needs_taps: bool
+                   ) -> Callable:
     """``fn(params, meta, obs, act, logp_old, val_old, adv, ret, valid) -> (loss [P],
-    taps)``: :func:`~metarl.inner.losses.ppo_loss` for a minibatch, ``taps`` the
-    per-layer activations when the optimiser reads them (else None). The same code runs
-    eagerly with ``compile=False`` or a drift that is not ``compilable``."""
-    coefs = types.SimpleNamespace(clip_eps=config.clip_eps, vf_coef=config.vf_coef,
-                                  ent_coef=config.ent_coef)
+    taps)``: :func:`~metarl.inner.losses.ppo_loss` for a minibatch through the whole
+    network, for autograd to differentiate with respect to ``params`` (the loop's path
+    with ``fused=False``, and the reference the hand-written backward is tested against);
+    ``taps`` holds the per-layer activations when the optimiser reads them (else None)."""
+    coefs = _coefs(config)
     fused = config.fused
 
-    def build():
-        def forward(flat, obs, taps=None):
-            return population_forward(model, layout, flat, obs, fused=fused, taps=taps)
+    def forward(flat, obs, taps=None):
+        return population_forward(model, layout, flat, obs, fused=fused, taps=taps)
 
-        def fn(params, meta, obs, act, logp_old, val_old, adv, ret, valid):
-            taps = {} if needs_taps else None
-            loss = ppo_loss(coefs, drift, meta, forward, params, log_std_slice, obs, act,
-                            logp_old, val_old, adv, ret, valid, taps)
-            return loss, taps
+    def fn(params, meta, obs, act, logp_old, val_old, adv, ret, valid):
+        taps = {} if needs_taps else None
+        loss = ppo_loss(coefs, drift, meta, forward, params, log_std_slice, obs, act,
+                        logp_old, val_old, adv, ret, valid, taps)
+        return loss, taps
+
+    return fn
+
+
+def _coefs(config):
+    return types.SimpleNamespace(clip_eps=config.clip_eps, vf_coef=config.vf_coef,
+                                 ent_coef=config.ent_coef)
+
+
+def loss_head(config, drift, discrete: bool, device, compile: bool = True) -> Callable:
+    """``fn(out, value, log_std, meta, act, logp_old, val_old, adv, ret, valid) -> loss
+    [P]``: :func:`~metarl.inner.losses.ppo_objective` from the towers' outputs (the part of
+    the minibatch loss that autograd differentiates; the towers have a hand-written
+    backward, :mod:`metarl.inner.towers`). Compiled with ``compile`` unless the drift is
+    not ``compilable``."""
+    coefs = _coefs(config)
+
+    def build():
+        def fn(out, value, log_std, meta, act, logp_old, val_old, adv, ret, valid):
+            return ppo_objective(coefs, drift, meta, out, value, log_std, act, logp_old,
+                                 val_old, adv, ret, valid)
 
         return fn
 
     if not (compile and getattr(drift, "compilable", True)):
         return build()
-    log_std = (log_std_slice.start, log_std_slice.stop) if log_std_slice else None
-    key = (_structure(model, config, device), drift.compile_key(), config.clip_eps, config.vf_coef,
-           config.ent_coef, log_std, needs_taps)
+    key = (drift.compile_key(), config.clip_eps, config.vf_coef, config.ent_coef, discrete,
+           str(device))
     return _cached("loss", key, build)
 
 
-__all__ = ["policy_step", "minibatch_loss", "clear", "MAX_ENTRIES", "BUILT"]
+__all__ = ["acting_weights", "policy_step", "rollout_step", "minibatch_loss", "loss_head", "clear", "MAX_ENTRIES", "BUILT"]

@@ -73,6 +73,16 @@ def ppo_loss(config, drift, meta, forward, params, log_std_slice, obs, act, logp
     ``taps``, when a dict, receives the per-layer activations of this forward pass."""
     out, value = forward(params, obs, taps) if taps is not None else forward(params, obs)
     log_std = params[:, log_std_slice] if log_std_slice else None
+    return ppo_objective(config, drift, meta, out, value, log_std, act, logp_old, val_old,
+                         adv, ret, valid)
+
+
+def ppo_objective(config, drift, meta, out, value, log_std, act, logp_old, val_old, adv,
+                  ret, valid):
+    """The PPO loss per member ``[P]`` from the networks' outputs: ``out [P, B, A]`` (logits
+    or Gaussian means), ``value [P, B]`` and ``log_std [P, A]`` (None for a discrete
+    policy). Steps with ``valid`` zero are left out of every mean, including the per-
+    minibatch advantage normalisation."""
     logp, entropy = policy_logp(out, log_std, act)
     w = valid
     wsum = w.sum(dim=1).clamp(min=1.0)
@@ -91,4 +101,4 @@ def ppo_loss(config, drift, meta, forward, params, log_std_slice, obs, act, logp
     return actor_loss + config.vf_coef * value_loss - config.ent_coef * mean(entropy)
 
 
-__all__ = ["policy_logp", "gae", "ppo_loss", "clip_grads"]
+__all__ = ["policy_logp", "gae", "ppo_loss", "ppo_objective", "clip_grads"]

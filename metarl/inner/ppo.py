@@ -43,6 +43,7 @@ from metarl.families.optim import AgentLayout, OptimMember, StepContext
 from metarl.inner import compiled
 from metarl.inner.losses import clip_grads, gae
 from metarl.inner.normalize import ObsNormalizer, RewardNormalizer
+from metarl.inner.towers import Towers
 from metarl.nets import (
     ActorCritic,
     FlatParams,
@@ -312,24 +313,20 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
 
     # The rollout's policy step and the minibatch loss: compiled (and cached across
     # calls) with config.compile, else the same functions run eagerly.
-    act = compiled.policy_step(model, layout, config, device, compile=config.compile)
-    loss_fn = compiled.minibatch_loss(model, layout, config, drift, log_std_slice,
-                                      opt.needs_activations, device, compile=config.compile)
+    rollout_step = compiled.rollout_step(model, layout, config, env, device,
+                                         compile=config.compile)
+    if config.fused:
+        # The towers' forward and hand-written backward; autograd runs over the loss head.
+        towers = Towers(model, layout)
+        head = compiled.loss_head(config, drift, discrete, device, compile=config.compile)
+        grad_buf = torch.zeros_like(params)
+    else:
+        loss_fn = compiled.minibatch_loss(model, layout, config, drift, log_std_slice,
+                                          opt.needs_activations)
 
     def critic(flat, obs):
         return population_tower(model, layout, flat, "critic", obs,
                                 fused=config.fused).squeeze(-1)
-
-    # Rollout storage, population first ([P, T, N, ...]) so that a member's batch is a
-    # view. Observations keep one more slot for the observation after the last step.
-    obs_buf = torch.zeros(P, T + 1, N, spec.obs_dim, device=device)
-    act_buf = (torch.zeros(P, T, N, dtype=torch.long, device=device) if discrete
-               else torch.zeros(P, T, N, A, device=device))
-    logp_buf = torch.zeros(P, T, N, device=device)
-    rew_buf = torch.zeros(P, T, N, device=device)
-    term_buf = torch.zeros(P, T, N, dtype=torch.bool, device=device)
-    done_buf = torch.zeros(P, T, N, dtype=torch.bool, device=device)
-    valid_buf = torch.zeros(P, T, N, dtype=torch.bool, device=device)
 
     # Episode statistics per member and environment.
     last_return = torch.full((P, N), float("nan"), device=device)
@@ -352,32 +349,31 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
         # ---- rollout -------------------------------------------------------------------
         with torch.no_grad():
             log_std = params[:, log_std_slice] if log_std_slice else None
+            weights = compiled.acting_weights(model, layout, config, params)
             # The whole rollout's action noise in one draw: [P, T, N, A].
             k = rng.fold(keys, _S_ACTION, update)
             if discrete:
                 noise = -torch.log(-torch.log(rng.uniform(k, (T, N, A))))  # Gumbel
             else:
                 noise = rng.normal(k, (T, N, A))
+            ep_stats = (ep_sum, ep_count, last_return)
+            steps = []
             for t in range(T):
                 # Only the actor acts; the critic runs once on the whole rollout below.
-                action, env_action, logp = act(params, obs, noise[:, t], log_std, low, high)
-                step = env.step(env_action)
-                reward = step.reward.reshape(P, N)
-                done = step.done.reshape(P, N)
-                obs_buf[:, t] = obs
-                act_buf[:, t] = action
-                logp_buf[:, t] = logp
-                term_buf[:, t] = step.terminated.reshape(P, N)
-                done_buf[:, t] = done
-                valid_buf[:, t] = step.valid.reshape(P, N)
-                rew_buf[:, t] = rew_norm(reward, done) if rew_norm else reward
-                ep_ret = step.episode_return.reshape(P, N)
-                ep_sum += ep_ret
-                ep_count += done
-                last_return = torch.where(done, ep_ret, last_return)
-                raw_obs = step.obs.reshape(P, N, -1)
+                (action, logp, raw_obs, reward, terminated, done, valid,
+                 *ep_stats) = rollout_step(env, weights, obs, noise[:, t], log_std, low, high,
+                                           *ep_stats)
+                if rew_norm:
+                    reward = rew_norm(reward, done)
+                steps.append((obs, action, logp, reward, terminated, done, valid))
                 obs = obs_norm(raw_obs) if obs_norm else raw_obs
-            obs_buf[:, T] = obs
+            ep_sum, ep_count, last_return = ep_stats
+            # [P, T, N, ...] buffers, population first so that a member's batch is a view;
+            # the observations keep one more slot for the observation after the last step.
+            columns = list(zip(*steps))
+            obs_buf = torch.stack([*columns[0], obs], dim=1)
+            act_buf, logp_buf, rew_buf, term_buf, done_buf, valid_buf = (
+                torch.stack(x, dim=1) for x in columns[1:])
             values = critic(params, obs_buf.view(P, (T + 1) * N, -1)).view(P, T + 1, N)
 
             adv_buf = gae(rew_buf, values, term_buf, done_buf, config.gamma,
@@ -406,10 +402,15 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
                         for x in batch]
             for mb in range(M):
                 sl = slice(mb * mbs, (mb + 1) * mbs)
-                b_obs, b_act, b_logp, b_val, b_adv, b_ret, b_valid = (x[:, sl] for x in shuffled)
-                loss, taps = loss_fn(params, drift_meta, b_obs, b_act, b_logp, b_val, b_adv,
-                                     b_ret, b_valid)
-                (grads,) = torch.autograd.grad(loss.sum(), params)
+                b_obs, *rest = (x[:, sl] for x in shuffled)
+                if config.fused:
+                    taps = {} if opt.needs_activations else None
+                    loss = towers.loss_and_grads(params, head, log_std_slice, grad_buf,
+                                                 b_obs, drift_meta, *rest, taps=taps)
+                    grads = grad_buf
+                else:
+                    loss, taps = loss_fn(params, drift_meta, b_obs, *rest)
+                    (grads,) = torch.autograd.grad(loss.sum(), params)
                 with torch.no_grad():
                     grads = clip_grads(grads, config.max_grad_norm,
                                        actor_mask if config.separate_grad_clip else None)

@@ -1,0 +1,189 @@
+"""The actor-critic's forward and a hand-written backward, for a population on flat rows.
+
+The minibatch step of the inner loop spends most of its time in the two towers (batched
+matmuls and the activations' passes over ``[P, batch, hidden]``). Autograd through the
+towers adds what a hand-written backward does not need: a graph per step, the views of the
+flat ``[P, D]`` row scattered back and concatenated into a gradient row, transposed
+copies before the activations' backward. :class:`Towers` runs the same forward as
+:meth:`metarl.nets.ActorCritic.batched` (the same operations in the same order, so the
+outputs are bit for bit the same) while keeping what the backward needs, and
+:meth:`Towers.backward` writes the gradient of every layer straight into a flat
+``[P, D]`` gradient row. Autograd still runs over everything above the towers: the loss
+(the drift, which may be a learned network or a proposal's code, the value loss, the
+entropy) is differentiated with respect to the towers' outputs and ``log_std`` only.
+
+The gradients equal autograd's up to float rounding (a test compares them); every
+operation is one per population, so a member trained alone gets the same numbers as in a
+population (a test checks that too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from metarl.nets import ActorCritic, FlatParams
+
+
+@dataclass(frozen=True)
+class _Layer:
+    name: str          # "actor.0"
+    w: slice           # the weight's entries in the flat row ([out, in], row major)
+    b: slice           # the bias's entries
+    out: int
+    inp: int
+    hidden: bool       # followed by the activation
+
+
+class Towers:
+    """Forward and backward of an :class:`~metarl.nets.ActorCritic` over flat rows."""
+
+    def __init__(self, model: ActorCritic, layout: FlatParams):
+        self.relu = not isinstance(model.actor[1], nn.Tanh)
+        offsets, start = {}, 0
+        for name, size in zip(layout.names, layout.sizes):
+            offsets[name] = slice(start, start + size)
+            start += size
+        self.numel = layout.numel
+        self.towers: dict[str, list[_Layer]] = {}
+        for tower in ("actor", "critic"):
+            seq = getattr(model, tower)
+            idx = [i for i, m in enumerate(seq) if isinstance(m, nn.Linear)]
+            self.towers[tower] = [
+                _Layer(f"{tower}.{i}", offsets[f"{tower}.{i}.weight"],
+                       offsets[f"{tower}.{i}.bias"], seq[i].out_features, seq[i].in_features,
+                       j < len(idx) - 1)
+                for j, i in enumerate(idx)
+            ]
+
+    # -- forward ------------------------------------------------------------------------
+
+    def _weight(self, params: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        return params[:, layer.w].view(params.shape[0], layer.out, layer.inp)
+
+    def tower(self, params: torch.Tensor, name: str, obs: torch.Tensor,
+              saved: list | None = None, taps: dict | None = None) -> torch.Tensor:
+        """One tower's output ``[P, B, out]``; ``saved`` (a list) receives each layer's
+        input for :meth:`backward`, ``taps`` each layer's mean absolute output over the
+        batch (see :meth:`metarl.nets.ActorCritic.tower`)."""
+        h = obs
+        for layer in self.towers[name]:
+            if saved is not None:
+                saved.append(h)
+            w, b = self._weight(params, layer), params[:, layer.b]
+            if layer.out == 1:
+                # As metarl.nets.batched_linear: a multiply and a sum rounds the same for
+                # every population size, where a width-one bmm does not.
+                h = (h * w).sum(-1, keepdim=True) + b.unsqueeze(1)
+            else:
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if layer.hidden:
+                h = torch.relu_(h) if self.relu else torch.tanh_(h)
+            if taps is not None:
+                taps[layer.name] = h.abs().mean(dim=1)
+        if saved is not None:
+            saved.append(h)
+        return h
+
+    def forward(self, params: torch.Tensor, obs: torch.Tensor, saved: dict | None = None,
+                taps: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(policy_out [P, B, A], value [P, B])`` for ``params [P, D]`` and ``obs
+        [P, B, obs_dim]``. Called under ``torch.no_grad()`` with ``saved`` a dict, it keeps
+        the activations :meth:`backward` needs."""
+        keep = {} if saved is None else saved
+        out = self.tower(params, "actor", obs, keep.setdefault("actor", []), taps)
+        value = self.tower(params, "critic", obs, keep.setdefault("critic", []), taps)
+        return out, value.squeeze(-1)
+
+    def actor_weights(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The actor's layers laid out for acting (:meth:`act`): per layer ``(weight
+        transposed and contiguous [P, in, out], bias [P, 1, out])`` (a width-one layer
+        keeps its ``[P, 1, in]`` weight for the multiply-and-sum). Made once per rollout:
+        a batched matmul over a few rows per member is several times faster with its
+        right-hand side contiguous (its kernel rounds differently from the transposed
+        view's, by float rounding only)."""
+        P = params.shape[0]
+        out = []
+        for layer in self.towers["actor"]:
+            w = self._weight(params, layer)
+            out.append((w if layer.out == 1 else w.transpose(1, 2).contiguous(),
+                        params[:, layer.b].reshape(P, 1, layer.out)))
+        return out
+
+    def act(self, weights: list[tuple[torch.Tensor, torch.Tensor]],
+            obs: torch.Tensor) -> torch.Tensor:
+        """The actor's output ``[P, N, A]`` from :meth:`actor_weights`: :meth:`tower`'s
+        function, for acting."""
+        h = obs
+        for layer, (w, b) in zip(self.towers["actor"], weights):
+            if layer.out == 1:
+                h = (h * w).sum(-1, keepdim=True) + b
+            else:
+                h = torch.baddbmm(b, h, w)
+            if layer.hidden:
+                h = torch.relu_(h) if self.relu else torch.tanh_(h)
+        return h
+
+    # -- backward -----------------------------------------------------------------------
+
+    def backward(self, params: torch.Tensor, saved: dict, g_out: torch.Tensor,
+                 g_value: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """Write the gradient of the loss with respect to every tower parameter into
+        ``grads [P, D]`` (entries of other parameters, such as ``log_std``, are left as
+        they are), given the loss's gradients ``g_out [P, B, A]`` and ``g_value [P, B]``
+        with respect to the towers' outputs and the ``saved`` activations of
+        :meth:`forward`."""
+        P = params.shape[0]
+        for name, g in (("actor", g_out), ("critic", g_value.unsqueeze(-1))):
+            acts = saved[name]
+            layers = self.towers[name]
+            for j in range(len(layers) - 1, -1, -1):
+                layer = layers[j]
+                x, y = acts[j], acts[j + 1]
+                if layer.hidden:
+                    if self.relu:
+                        g = g * (y > 0)
+                    else:
+                        g = torch.ops.aten.tanh_backward(g, y)
+                gw = grads[:, layer.w].view(P, layer.out, layer.inp)
+                if layer.out == 1:  # a multiply and a sum: the same rounding for every P
+                    torch.sum(g * x, dim=1, keepdim=True, out=gw)
+                else:
+                    gw.copy_(torch.bmm(g.transpose(1, 2), x))
+                torch.sum(g, dim=1, out=grads[:, layer.b])
+                if j:
+                    w = self._weight(params, layer)
+                    g = g * w if layer.out == 1 else torch.bmm(g, w)
+        return grads
+
+    def loss_and_grads(self, params: torch.Tensor, head, log_std_slice: slice | None,
+                       grads: torch.Tensor, obs: torch.Tensor, *batch: torch.Tensor,
+                       taps: dict | None = None) -> torch.Tensor:
+        """The loss ``[P]`` of a minibatch, its gradient written into ``grads [P, D]``.
+
+        ``head(out, value, log_std, *batch) -> loss [P]`` is the loss from the towers'
+        outputs (:func:`metarl.inner.losses.ppo_objective` with the drift); autograd
+        differentiates it with respect to ``out``, ``value`` and ``log_std`` (a continuous
+        policy's parameter, read from its slice of ``params``), and :meth:`backward`
+        carries the gradient through the towers."""
+        saved: dict = {}
+        with torch.no_grad():
+            out, value = self.forward(params, obs, saved, taps)
+            leaves = [out.requires_grad_(True), value.requires_grad_(True)]
+            log_std = None
+            if log_std_slice is not None:
+                log_std = params[:, log_std_slice].detach().requires_grad_(True)
+                leaves.append(log_std)
+        with torch.enable_grad():
+            loss = head(out, value, log_std, *batch)
+            g = torch.autograd.grad(loss.sum(), leaves)
+        with torch.no_grad():
+            self.backward(params, saved, g[0], g[1], grads)
+            if log_std_slice is not None:
+                grads[:, log_std_slice] = g[2]
+        return loss.detach()
+
+
+__all__ = ["Towers"]
