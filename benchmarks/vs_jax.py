@@ -46,6 +46,8 @@ wait for each other); ``--threads 1`` measures metarl there.
     python benchmarks/vs_jax.py                                # P = 1, 8, 64, 5e5 steps
     python benchmarks/vs_jax.py --sizes 8 --total-timesteps 32768
     python benchmarks/vs_jax.py --backend envpool --threads 2
+    python benchmarks/vs_jax.py --compile                      # metarl with compile=True
+    python benchmarks/vs_jax.py --env Breakout-MinAtar --sizes 64 --total-timesteps 65536
 
 JAX is imported by this script only (the optional ``reference`` extra), never by metarl.
 Ends with one JSON line of the headline figures.
@@ -77,7 +79,7 @@ def make_jax_train(cfg):
 
     env, env_params = gymnax.make(cfg.env_id)
     num_actions = env.action_space(env_params).n
-    obs_dim = env.observation_space(env_params).shape[0]
+    obs_dim = math.prod(env.observation_space(env_params).shape)  # MinAtar grids flattened
     N, T, E, M = cfg.num_envs, cfg.num_steps, cfg.update_epochs, cfg.num_minibatches
     B, U, MB = cfg.batch_size, cfg.num_updates, cfg.minibatch_size
     act = {"tanh": nn.tanh, "relu": nn.relu}[cfg.activation]
@@ -124,8 +126,16 @@ def make_jax_train(cfg):
 
     tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
                      optax.adam(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps))
-    v_reset = jax.vmap(env.reset, in_axes=(0, None))
-    v_step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+    def flat(obs):  # [N, ...] -> [N, obs_dim] float32 (a MinAtar grid is bool)
+        return obs.reshape(obs.shape[0], -1).astype(jnp.float32)
+
+    def v_reset(keys, params):
+        obs, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+        return flat(obs), state
+
+    def v_step(keys, state, action, params):
+        obs, *rest = jax.vmap(env.step, in_axes=(0, 0, 0, None))(keys, state, action, params)
+        return flat(obs), *rest
 
     def logp_of(logits, actions):
         return jnp.take_along_axis(jax.nn.log_softmax(logits), actions[..., None], -1)[..., 0]
@@ -254,26 +264,37 @@ def main():
     ap.add_argument("--sizes", default="1,8,64", help="population sizes")
     ap.add_argument("--total-timesteps", type=int, default=500_000,
                     help="environment steps per agent")
+    ap.add_argument("--env", default="CartPole-v1",
+                    help="CartPole-v1 or a MinAtar game (e.g. Breakout-MinAtar: its "
+                         "configuration row, gymnax's game on the JAX side)")
     ap.add_argument("--backend", default="torch", help="metarl's environment backend")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--compile", action="store_true",
+                    help="metarl with compile=True (compiled once, in the warm-up call; "
+                         "the compile time is printed separately)")
     ap.add_argument("--skip", choices=("jax", "metarl"), default=None,
                     help="leave one side out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = config_for("CartPole-v1", backend=args.backend,
-                     total_timesteps=args.total_timesteps)
+    cfg = config_for(args.env, backend=args.backend,
+                     total_timesteps=args.total_timesteps, compile=args.compile)
     steps = cfg.num_updates * cfg.batch_size
     import jax
 
-    print(f"CartPole-v1, {cfg.num_envs} envs x {cfg.num_steps} steps, {cfg.update_epochs} "
+    print(f"{cfg.env_id}, {cfg.num_envs} envs x {cfg.num_steps} steps, {cfg.update_epochs} "
           f"epochs x {cfg.num_minibatches} minibatches, {steps:,} steps per agent; metarl: "
           f"backend {args.backend}, torch {torch.__version__}, {args.threads} threads; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    warmup_s = None
     if args.skip != "metarl":
-        metarl_run(cfg.replace(total_timesteps=cfg.batch_size), 1)  # warm-up
+        t0 = time.perf_counter()
+        metarl_run(cfg.replace(total_timesteps=cfg.batch_size), 1)  # warm-up (compiles)
+        warmup_s = round(time.perf_counter() - t0, 1)
 
-    headline = {"benchmark": "vs_jax", "backend": args.backend, "threads": args.threads,
+    headline = {"benchmark": "vs_jax", "env": cfg.env_id, "backend": args.backend,
+                "threads": args.threads,
+                "compile": args.compile, "metarl_warmup_s": warmup_s,
                 "steps_per_agent": steps, "jax": jax.__version__}
     print(f"{'P':>4} {'JAX steps/s':>12} {'metarl steps/s':>15} {'metarl/JAX':>10} "
           f"{'JAX return':>10} {'metarl return':>13} {'JAX compile s':>13}")
@@ -282,6 +303,10 @@ def main():
         if args.skip != "jax":
             j_rate, j_compile, j_ret = jax_run(cfg, p)
         if args.skip != "metarl":
+            if args.compile:  # compiled once per shape: a one-update call at this P first
+                t0 = time.perf_counter()
+                metarl_run(cfg.replace(total_timesteps=cfg.batch_size), p)
+                headline[f"P{p}_metarl_first_call_s"] = round(time.perf_counter() - t0, 1)
             m_rate, m_ret = metarl_run(cfg, p)
         ratio = m_rate / j_rate
         print(f"{p:>4} {j_rate:>12,.0f} {m_rate:>15,.0f} {ratio:>9.2f}x "

@@ -1,13 +1,19 @@
-"""Compiled pieces of the inner loop (``PPOConfig.compile``).
+"""Compiled pieces of the inner loop (``PPOConfig.compile``), and the loop's step functions.
 
 With ``compile=True`` the loop runs two functions through ``torch.compile`` (inductor):
 
-* the **policy step** of the rollout: the actor's forward for the whole population, the
-  action from the pre-drawn noise, and its log-probability, one call per environment step;
-* the **minibatch loss**: both towers' forward, the drift, the clipped value loss and the
-  entropy bonus (the backward pass is compiled with it by AOTAutograd); gradient clipping
-  and the optimiser step stay eager, since the optimisers read the step counters as
-  Python numbers.
+* the **environment's step** (torch-native CartPole and Pendulum): the dynamics, the
+  next-step auto-reset with its counter-based reset draw, the episode accounting and the
+  loop's episode statistics, one compiled graph per rollout step (:func:`rollout_step`);
+* the **loss head**: the drift, the clipped value loss and the entropy from the towers'
+  outputs, with its backward compiled by AOTAutograd (:func:`loss_head`). The towers
+  themselves run eagerly with a hand-written backward (:mod:`metarl.inner.towers`);
+  gradient clipping and the optimiser step stay eager, since the optimisers read the step
+  counters as Python numbers.
+
+The policy's step and the towers were measured compiled too, and were slower: their time
+is batched matmuls, which inductor leaves as library calls, and the graph adds guards and
+copies around them (``docs/benchmarks.md`` has the figures).
 
 Meta-training calls ``train`` thousands of times with the same shapes, so each compiled
 function is built once per *key* (the shapes, the configuration values it reads, the
@@ -113,15 +119,16 @@ def rollout_step(model, layout, config, env, device, compile: bool = True) -> Ca
     episode statistics come in and go out updated: the sum and count of the returns of
     episodes that ended, and each environment's last ended episode's return.
 
-    With ``compile`` and an environment that can be traced (the torch-native ones,
-    :attr:`metarl.envs.base.VecEnv.traceable`), the policy and the environment's step are
-    one compiled graph: the element-wise work of both becomes a few fused kernels instead
-    of a few hundred small operations. Other environments step eagerly after a compiled
-    policy step; eagerly (``compile=False``) the environment checks the actions. The
+    With ``compile`` and an environment that can be traced (the torch-native CartPole and
+    Pendulum, :attr:`metarl.envs.base.VecEnv.traceable`), the environment's step and the
+    episode statistics are one compiled graph: a few fused kernels instead of about two
+    hundred small operations. Other environments step eagerly and check the actions. The
     observation returned is the environment's own where it is a fresh tensor (a traced
     step's), otherwise a copy (envpool may reuse its buffer)."""
     traced = compile and env.traceable
-    policy = policy_step(model, layout, config, device, compile=compile and not traced)
+    # The policy's step stays eager: compiled, it measured slower (its batched matmuls are
+    # library calls either way, and the graph adds guards and copies around them).
+    policy = policy_step(model, layout, config, device, compile=False)
 
     def env_step(stepper, copy_obs):
         def fn(env, env_action, P, N, ep_sum, ep_count, last_return):
