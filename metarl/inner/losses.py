@@ -53,18 +53,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor,
 
 
 def clip_grads(grads: torch.Tensor, max_norm: float,
-               actor_mask: torch.Tensor | None = None) -> torch.Tensor:
+               actor_mask: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
     """Gradients ``[P, D]`` scaled to a global norm of at most ``max_norm`` per member;
-    with ``actor_mask [D]``, the actor's and the critic's entries separately."""
+    with ``actor_mask [D]``, the actor's and the critic's entries separately. With
+    ``inplace``, ``grads`` itself is scaled and returned."""
     if actor_mask is None:
         norm = grads.norm(dim=1, keepdim=True)
-        return grads * (max_norm / torch.clamp(norm, min=max_norm))
+        scale = max_norm / torch.clamp(norm, min=max_norm)
+        return grads.mul_(scale) if inplace else grads * scale
     a = actor_mask.to(grads.dtype)
     na = (grads * a).norm(dim=1, keepdim=True)
     nc = (grads * (1.0 - a)).norm(dim=1, keepdim=True)
     scale = torch.where(actor_mask, max_norm / torch.clamp(na, min=max_norm),
                         max_norm / torch.clamp(nc, min=max_norm))
-    return grads * scale
+    return grads.mul_(scale) if inplace else grads * scale
 
 
 def ppo_loss(config, drift, meta, forward, params, log_std_slice, obs, act, logp_old,

@@ -371,10 +371,10 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
             # [P, T, N, ...] buffers, population first so that a member's batch is a view;
             # the observations keep one more slot for the observation after the last step.
             columns = list(zip(*steps))
-            obs_buf = torch.stack([*columns[0], obs], dim=1)
-            act_buf, logp_buf, rew_buf, term_buf, done_buf, valid_buf = (
-                torch.stack(x, dim=1) for x in columns[1:])
-            values = critic(params, obs_buf.view(P, (T + 1) * N, -1)).view(P, T + 1, N)
+            obs_buf, act_buf, logp_buf, rew_buf, term_buf, done_buf, valid_buf = (
+                torch.stack(x, dim=1) for x in columns)
+            values = torch.cat([critic(params, obs_buf.view(P, T * N, -1)).view(P, T, N),
+                                critic(params, obs).unsqueeze(1)], dim=1)  # [P, T + 1, N]
 
             adv_buf = gae(rew_buf, values, term_buf, done_buf, config.gamma,
                           config.gae_lambda)
@@ -390,19 +390,26 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
         t1 = time.perf_counter()
         t_rollout += t1 - t0
         # ---- PPO epochs ----------------------------------------------------------------
-        def flat(x):  # [P, T, N, ...] -> [P, T*N, ...]
-            return x.reshape(P, B, *x.shape[3:])
-
-        batch = [flat(x) for x in (obs_buf[:, :T], act_buf, logp_buf, val_buf, adv_buf,
-                                   ret_buf, valid_buf.float())]
+        # Each member's samples as rows of one [P * B, ...] table; a minibatch is one
+        # index_select of whole rows per tensor (each member's shuffled indices, offset to
+        # its rows): no shuffled copy of the whole batch (for MinAtar's 400-float
+        # observations that copy was the largest cost of an update).
+        rows = [x.reshape(P * B, *x.shape[3:])  # [P, T, N, ...] -> [P * T * N, ...]
+                for x in (obs_buf, act_buf, logp_buf, val_buf, adv_buf, ret_buf,
+                          valid_buf.float())]
+        offset = torch.arange(P, device=device).unsqueeze(1) * B
+        # The minibatches are written into the same buffers every time (a fresh 100 MB
+        # allocation per minibatch, as MinAtar's observations at P = 64 take, costs more
+        # in page faults than the copy itself).
+        if update == 0:
+            mb_bufs = [x.new_empty(P * mbs, *x.shape[1:]) for x in rows]
         losses = torch.zeros(P, device=device)
         for epoch in range(E):
-            perm = rng.permutation(rng.fold(keys, _S_SHUFFLE, update, epoch), B)
-            shuffled = [x.gather(1, perm.view(P, B, *([1] * (x.dim() - 2))).expand_as(x))
-                        for x in batch]
+            perm = rng.permutation(rng.fold(keys, _S_SHUFFLE, update, epoch), B) + offset
             for mb in range(M):
-                sl = slice(mb * mbs, (mb + 1) * mbs)
-                b_obs, *rest = (x[:, sl] for x in shuffled)
+                idx = perm[:, mb * mbs:(mb + 1) * mbs].reshape(-1)
+                b_obs, *rest = (torch.index_select(x, 0, idx, out=buf).view(P, mbs, *x.shape[1:])
+                                for x, buf in zip(rows, mb_bufs))
                 if config.fused:
                     taps = {} if opt.needs_activations else None
                     loss = towers.loss_and_grads(params, head, log_std_slice, grad_buf,
@@ -413,7 +420,8 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
                     (grads,) = torch.autograd.grad(loss.sum(), params)
                 with torch.no_grad():
                     grads = clip_grads(grads, config.max_grad_norm,
-                                       actor_mask if config.separate_grad_clip else None)
+                                       actor_mask if config.separate_grad_clip else None,
+                                       inplace=True)  # grads is this step's own tensor
                     if taps is not None and log_std_slice is not None:
                         taps["log_std"] = torch.exp(params[:, log_std_slice])
                     opt.step(params, grads, opt_state,

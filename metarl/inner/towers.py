@@ -47,6 +47,7 @@ class Towers:
             offsets[name] = slice(start, start + size)
             start += size
         self.numel = layout.numel
+        self._ws: dict = {}  # workspace of the minibatch step (see _buf)
         self.towers: dict[str, list[_Layer]] = {}
         for tower in ("actor", "critic"):
             seq = getattr(model, tower)
@@ -63,12 +64,25 @@ class Towers:
     def _weight(self, params: torch.Tensor, layer: _Layer) -> torch.Tensor:
         return params[:, layer.w].view(params.shape[0], layer.out, layer.inp)
 
+    def _buf(self, key, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A workspace tensor for ``key``, reused from call to call while its shape holds:
+        the minibatch step's activations and gradients (16 MB each for MinAtar at P = 64)
+        would otherwise be fresh allocations, which cost page faults on every step."""
+        buf = self._ws.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or \
+                buf.device != like.device:
+            buf = self._ws[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
     def tower(self, params: torch.Tensor, name: str, obs: torch.Tensor,
-              saved: list | None = None, taps: dict | None = None) -> torch.Tensor:
+              saved: list | None = None, taps: dict | None = None,
+              reuse: bool = False) -> torch.Tensor:
         """One tower's output ``[P, B, out]``; ``saved`` (a list) receives each layer's
         input for :meth:`backward`, ``taps`` each layer's mean absolute output over the
-        batch (see :meth:`metarl.nets.ActorCritic.tower`)."""
+        batch (see :meth:`metarl.nets.ActorCritic.tower`). With ``reuse``, the hidden
+        layers' outputs are written into the workspace (valid until the next such call)."""
         h = obs
+        P, B = obs.shape[0], obs.shape[1]
         for layer in self.towers[name]:
             if saved is not None:
                 saved.append(h)
@@ -77,6 +91,9 @@ class Towers:
                 # As metarl.nets.batched_linear: a multiply and a sum rounds the same for
                 # every population size, where a width-one bmm does not.
                 h = (h * w).sum(-1, keepdim=True) + b.unsqueeze(1)
+            elif reuse:
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2),
+                                  out=self._buf(("h", layer.name), (P, B, layer.out), h))
             else:
                 h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
             if layer.hidden:
@@ -93,8 +110,9 @@ class Towers:
         [P, B, obs_dim]``. Called under ``torch.no_grad()`` with ``saved`` a dict, it keeps
         the activations :meth:`backward` needs."""
         keep = {} if saved is None else saved
-        out = self.tower(params, "actor", obs, keep.setdefault("actor", []), taps)
-        value = self.tower(params, "critic", obs, keep.setdefault("critic", []), taps)
+        reuse = saved is not None
+        out = self.tower(params, "actor", obs, keep.setdefault("actor", []), taps, reuse)
+        value = self.tower(params, "critic", obs, keep.setdefault("critic", []), taps, reuse)
         return out, value.squeeze(-1)
 
     def actor_weights(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -136,26 +154,34 @@ class Towers:
         with respect to the towers' outputs and the ``saved`` activations of
         :meth:`forward`."""
         P = params.shape[0]
+        ops = torch.ops.aten
         for name, g in (("actor", g_out), ("critic", g_value.unsqueeze(-1))):
             acts = saved[name]
             layers = self.towers[name]
+            own = False  # whether g is a workspace tensor (then updated in place)
             for j in range(len(layers) - 1, -1, -1):
                 layer = layers[j]
                 x, y = acts[j], acts[j + 1]
                 if layer.hidden:
                     if self.relu:
-                        g = g * (y > 0)
+                        g = (ops.threshold_backward.grad_input(g, y, 0.0, grad_input=g) if own
+                             else ops.threshold_backward(g, y, 0.0))
                     else:
-                        g = torch.ops.aten.tanh_backward(g, y)
+                        g = (ops.tanh_backward.grad_input(g, y, grad_input=g) if own
+                             else ops.tanh_backward(g, y))
                 gw = grads[:, layer.w].view(P, layer.out, layer.inp)
                 if layer.out == 1:  # a multiply and a sum: the same rounding for every P
-                    torch.sum(g * x, dim=1, keepdim=True, out=gw)
+                    gx = torch.mul(g, x, out=self._buf(("gx", layer.name), x.shape, x))
+                    torch.sum(gx, dim=1, keepdim=True, out=gw)
                 else:
-                    gw.copy_(torch.bmm(g.transpose(1, 2), x))
+                    gw.copy_(torch.bmm(g.transpose(1, 2), x,
+                                       out=self._buf(("gw", layer.name), gw.shape, x)))
                 torch.sum(g, dim=1, out=grads[:, layer.b])
                 if j:
                     w = self._weight(params, layer)
-                    g = g * w if layer.out == 1 else torch.bmm(g, w)
+                    buf = self._buf(("g", layer.name), (*g.shape[:2], layer.inp), g)
+                    g = torch.mul(g, w, out=buf) if layer.out == 1 else torch.bmm(g, w, out=buf)
+                    own = True
         return grads
 
     def loss_and_grads(self, params: torch.Tensor, head, log_std_slice: slice | None,

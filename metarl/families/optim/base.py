@@ -8,7 +8,9 @@ Signature (every member, through :meth:`OptimMember.population`)::
 
 - ``params``/``grads``: one flat row per agent (member ``p``'s row is its own agent, so a
   step never mixes members); gradients are already clipped (to a global norm of 0.5, for
-  actor and critic separately in this family's slot).
+  actor and critic separately in this family's slot). ``grads`` is valid during the call
+  only: the loop writes the next minibatch's gradient into the same tensor, so a member
+  that keeps gradients across steps keeps a copy.
 - ``layout``: :class:`AgentLayout`, the structure behind the flat row: which tensor, layer
   and tower each entry belongs to and which neuron it feeds (for per-tensor normalisation,
   layer proportion, dormancy and the actor-only noise of the learned optimisers).

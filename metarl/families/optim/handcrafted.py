@@ -19,6 +19,7 @@ class AdamUpdate(PopulationOptimizer):
     def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-5,
                  anneal: bool = True):
         self.lr, self.b1, self.b2, self.eps, self.anneal = lr, b1, b2, eps, anneal
+        self._denom = None
 
     def init(self, params):
         z = torch.zeros_like(params)
@@ -34,7 +35,12 @@ class AdamUpdate(PopulationOptimizer):
         lr = self.lr * (ctx.frac_remaining if self.anneal else 1.0)
         bc1 = 1.0 - self.b1**t
         bc2 = 1.0 - self.b2**t
-        denom = (v / bc2).sqrt_().add_(self.eps)
+        # The denominator goes into a buffer kept from step to step: a fresh [P, D]
+        # tensor per step costs page faults once D is large (MinAtar's first layer).
+        denom = self._denom
+        if denom is None or denom.shape != v.shape or denom.device != v.device:
+            denom = self._denom = torch.empty_like(v)
+        torch.div(v, bc2, out=denom).sqrt_().add_(self.eps)
         params.addcdiv_(m, denom, value=-lr / bc1)
 
 
