@@ -1,4 +1,5 @@
-"""Population PPO on CartPole-v1: metarl's inner loop against a purejaxrl-style JAX loop.
+"""Population PPO: metarl's inner loop against a purejaxrl-style JAX loop (CartPole-v1 by
+default; ``--env`` takes a MinAtar game, gymnax's on the JAX side, its grid flattened).
 
 For each population size P it trains P agents with both implementations in one process
 and reports agent-steps per second (environment steps summed over members, divided by
@@ -12,7 +13,7 @@ averaged over environments and members).
   (64 x 64 tanh, orthogonal init with gains sqrt(2), 0.01 for the policy head and 1 for
   the value head, zero biases), optax: global grad-norm clip, then Adam whose rate falls
   linearly to 0 over the updates (constant within an update, as metarl's). Every number
-  is metarl's ``config_for("CartPole-v1")`` row (4 envs x 128 steps, 4 epochs x 4
+  is metarl's ``config_for(env)`` row (CartPole-v1: 4 envs x 128 steps, 4 epochs x 4
   minibatches, lr 1e-3, betas (0.9, 0.999), eps 1e-5, clip 0.2 (also the value clip),
   ent 0.01, vf 0.5, grad norm 0.5, gamma 0.99, lambda 0.95, per-minibatch advantage
   normalisation). Compiled ahead of time (``lower().compile()``, reported as compile

@@ -206,4 +206,5 @@ def loss_head(config, drift, discrete: bool, device, compile: bool = True) -> Ca
     return _cached("loss", key, build)
 
 
-__all__ = ["acting_weights", "policy_step", "rollout_step", "minibatch_loss", "loss_head", "clear", "MAX_ENTRIES", "BUILT"]
+__all__ = ["acting_weights", "policy_step", "rollout_step", "minibatch_loss", "loss_head",
+           "clear", "MAX_ENTRIES", "BUILT"]
