@@ -89,3 +89,21 @@ def test_a_member_that_cannot_be_traced_runs_eagerly():
     loss = Towers(model, layout).loss_and_grads(params, head, None, torch.zeros_like(params),
                                                 obs, torch.zeros(3, 0), *rest)
     assert loss.shape == (3,) and torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1", "Breakout-MinAtar"])
+def test_fresh_observations_are_not_written_again(env_id):
+    """Environments that say ``fresh_obs`` (the loop then keeps their observations without
+    a copy) never write an observation they returned: it is unchanged after more steps."""
+    from metarl.envs import make
+
+    env = make(env_id, 6, backend="torch", seeds=list(range(6)))
+    assert env.fresh_obs
+    first = env.reset()
+    kept, copy = first, first.clone()
+    for _ in range(30):
+        a = (torch.zeros(6, dtype=torch.long) if env.spec.discrete
+             else torch.zeros(6, *env.spec.action_shape))
+        obs = env.step(a).obs
+        assert obs.data_ptr() != kept.data_ptr()
+    assert torch.equal(kept, copy)

@@ -71,6 +71,10 @@ class VecEnv:
         self._prev_done.zero_()
         return self._reset()
 
+    #: whether every observation :meth:`step` returns is a new tensor that the backend
+    #: never writes again (the torch-native ones); else callers keeping it make a copy
+    fresh_obs: bool = False
+
     #: whether :meth:`step_unchecked` can be traced by ``torch.compile`` (torch tensor
     #: code with no host reads once :meth:`prepare_trace` has run)
     traceable: bool = False

@@ -23,6 +23,7 @@ class _TorchEnv(VecEnv):
     #: reset states drawn ahead per environment (one draw serves this many resets)
     block = 32
     traceable = True
+    fresh_obs = True
     #: draw every environment's next initial state each step (no host read), as off the
     #: CPU; set by :meth:`prepare_trace`
     direct_resets = False

@@ -44,7 +44,7 @@ from metarl.nets import population_forward, population_tower
 MAX_ENTRIES = 32
 _CACHE: OrderedDict[Hashable, Callable] = OrderedDict()
 #: how many functions were built (compiled) since the process started, by kind
-BUILT: dict[str, int] = {"policy": 0, "env": 0, "loss": 0}
+BUILT: dict[str, int] = {"env": 0, "loss": 0}
 
 
 def clear() -> None:
@@ -72,43 +72,32 @@ def _structure(model, config, device) -> tuple:
     return (shapes, config.activation, config.fused, model.discrete, str(device))
 
 
-def acting_weights(model, layout, config, params: torch.Tensor):
-    """What :func:`policy_step` reads: the actor's layers laid out for acting
-    (:meth:`metarl.inner.towers.Towers.actor_weights`), or ``params`` itself with
-    ``fused=False``. Made once per rollout (the parameters do not change during one)."""
-    return Towers(model, layout).actor_weights(params) if config.fused else params
-
-
-def policy_step(model, layout, config, device, compile: bool = True) -> Callable:
+def policy_step(model, layout, config) -> Callable:
     """``fn(weights, obs, noise, log_std, low, high) -> (action, env_action, logp)`` for
     one rollout step of the population (``obs [P, N, obs_dim]``, ``noise [P, N, A]``);
-    ``weights`` is :func:`acting_weights` of the parameters; ``log_std``, ``low`` and
-    ``high`` are None for a discrete policy. The same code runs eagerly with
-    ``compile=False``."""
+    ``weights`` is :meth:`metarl.inner.towers.Towers.actor_weights` of the parameters (the
+    parameters themselves with ``fused=False``); ``log_std``, ``low`` and ``high`` are None
+    for a discrete policy. It runs eagerly: compiled, it measured slower (its batched
+    matmuls are library calls either way, and the graph adds guards and copies)."""
     discrete, clip, fused = model.discrete, bool(config.clip_action), config.fused
     towers = Towers(model, layout)
 
-    def build():
-        def fn(weights, obs, noise, log_std, low, high):
-            out = (towers.act(weights, obs) if fused else
-                   population_tower(model, layout, weights, "actor", obs, fused=False))
-            P, N = out.shape[0], out.shape[1]
-            if discrete:
-                action = torch.argmax(out + noise, dim=-1)
-                env_action = action.reshape(P * N)
-            else:
-                action = out + torch.exp(log_std).unsqueeze(1) * noise
-                env_action = torch.nan_to_num(action.reshape(P * N, -1))
-                if clip:
-                    env_action = torch.maximum(torch.minimum(env_action, high), low)
-            logp, _ = policy_logp(out, log_std, action, entropy=False)
-            return action, env_action, logp
+    def fn(weights, obs, noise, log_std, low, high):
+        out = (towers.act(weights, obs) if fused else
+               population_tower(model, layout, weights, "actor", obs, fused=False))
+        P, N = out.shape[0], out.shape[1]
+        if discrete:
+            action = torch.argmax(out + noise, dim=-1)
+            env_action = action.reshape(P * N)
+        else:
+            action = out + torch.exp(log_std).unsqueeze(1) * noise
+            env_action = torch.nan_to_num(action.reshape(P * N, -1))
+            if clip:
+                env_action = torch.maximum(torch.minimum(env_action, high), low)
+        logp, _ = policy_logp(out, log_std, action, entropy=False)
+        return action, env_action, logp
 
-        return fn
-
-    if not compile:
-        return build()
-    return _cached("policy", (_structure(model, config, device), clip), build)
+    return fn
 
 
 def rollout_step(model, layout, config, env, device, compile: bool = True) -> Callable:
@@ -123,12 +112,11 @@ def rollout_step(model, layout, config, env, device, compile: bool = True) -> Ca
     Pendulum, :attr:`metarl.envs.base.VecEnv.traceable`), the environment's step and the
     episode statistics are one compiled graph: a few fused kernels instead of about two
     hundred small operations. Other environments step eagerly and check the actions. The
-    observation returned is the environment's own where it is a fresh tensor (a traced
-    step's), otherwise a copy (envpool may reuse its buffer)."""
+    observation returned is the environment's own where it is a fresh tensor
+    (:attr:`metarl.envs.base.VecEnv.fresh_obs`), otherwise a copy (envpool may reuse its
+    buffer)."""
     traced = compile and env.traceable
-    # The policy's step stays eager: compiled, it measured slower (its batched matmuls are
-    # library calls either way, and the graph adds guards and copies around them).
-    policy = policy_step(model, layout, config, device, compile=False)
+    policy = policy_step(model, layout, config)
 
     def env_step(stepper, copy_obs):
         def fn(env, env_action, P, N, ep_sum, ep_count, last_return):
@@ -147,7 +135,7 @@ def rollout_step(model, layout, config, env, device, compile: bool = True) -> Ca
         stepper = _cached("env", (type(env), str(device)),
                           lambda: env_step(type(env).step_unchecked, False))
     else:
-        stepper = env_step(type(env).step, True)
+        stepper = env_step(type(env).step, not env.fresh_obs)
 
     def fn(env, weights, obs, noise, log_std, low, high, ep_sum, ep_count, last_return):
         action, env_action, logp = policy(weights, obs, noise, log_std, low, high)
@@ -206,5 +194,5 @@ def loss_head(config, drift, discrete: bool, device, compile: bool = True) -> Ca
     return _cached("loss", key, build)
 
 
-__all__ = ["acting_weights", "policy_step", "rollout_step", "minibatch_loss", "loss_head",
+__all__ = ["policy_step", "rollout_step", "minibatch_loss", "loss_head",
            "clear", "MAX_ENTRIES", "BUILT"]

@@ -311,13 +311,13 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
     obs_norm = ObsNormalizer(P, spec.obs_dim, device) if config.normalize_obs else None
     rew_norm = RewardNormalizer(P, N, config.gamma, device) if config.normalize_reward else None
 
-    # The rollout's policy step and the minibatch loss: compiled (and cached across
-    # calls) with config.compile, else the same functions run eagerly.
+    # The rollout's step and the minibatch loss head: compiled (and cached across calls)
+    # with config.compile where that pays (compiled.py), else the same functions eagerly.
     rollout_step = compiled.rollout_step(model, layout, config, env, device,
                                          compile=config.compile)
+    towers = Towers(model, layout)
     if config.fused:
         # The towers' forward and hand-written backward; autograd runs over the loss head.
-        towers = Towers(model, layout)
         head = compiled.loss_head(config, drift, discrete, device, compile=config.compile)
         grad_buf = torch.zeros_like(params)
     else:
@@ -349,7 +349,8 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
         # ---- rollout -------------------------------------------------------------------
         with torch.no_grad():
             log_std = params[:, log_std_slice] if log_std_slice else None
-            weights = compiled.acting_weights(model, layout, config, params)
+            # The actor's layers laid out for acting, once per rollout.
+            weights = towers.actor_weights(params) if config.fused else params
             # The whole rollout's action noise in one draw: [P, T, N, A].
             k = rng.fold(keys, _S_ACTION, update)
             if discrete:

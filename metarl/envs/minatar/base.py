@@ -101,6 +101,8 @@ class MinAtarEnv(VecEnv):
       lowered (to 1 at least) so that they fit in :attr:`block_bytes`.
     """
 
+    #: each step's observation is built anew (Game.observe_float)
+    fresh_obs = True
     #: reset states drawn ahead per environment off the CPU (one draw every ``block`` steps)
     block = 16
     #: the most memory the drawn-ahead states may take (a game's state is from about 150
