@@ -79,8 +79,14 @@ def normal(keys: torch.Tensor, shape: tuple[int, ...], dtype=torch.float32) -> t
 
 
 def permutation(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """A random permutation of ``range(n)`` per key, shape ``[*keys.shape, n]``."""
-    return torch.argsort(bits(keys, (n,)), dim=-1, stable=True)
+    """A random permutation of ``range(n)`` per key, shape ``[*keys.shape, n]``: the
+    stable order of ``n`` random 32-bit words per key. All keys' words are sorted as one
+    array, each word prefixed by its key's row (one long sort is faster than many short
+    ones on CPU; the result is the same)."""
+    b = bits(keys, (n,)).reshape(-1, n)
+    rows = torch.arange(b.shape[0], dtype=torch.int64, device=b.device).unsqueeze(1)
+    order = torch.argsort(((rows << 32) | b).reshape(-1), stable=True).view(-1, n)
+    return (order - rows * n).reshape(*keys.shape, n)
 
 
 def fold_tensor(keys: torch.Tensor, data: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ def test_hand_written_backward_equals_autograd(algorithm, discrete, A, activatio
 def test_acting_forward_equals_the_tower(A):
     """The rollout's actor forward on pre-transposed weights gives the tower's numbers to
     float rounding (its matmul kernel differs), and a member's numbers do not depend on
-    the population's size (bit for bit)."""
+    the population's size or on the bias's layout (bit for bit)."""
     model = ActorCritic(4, A, A > 1, 64, 2)
     layout = FlatParams(model)
     towers = Towers(model, layout)
@@ -81,3 +81,5 @@ def test_acting_forward_equals_the_tower(A):
     torch.testing.assert_close(acted, ref, rtol=1e-6, atol=1e-7)
     one = towers.act(towers.actor_weights(params[2:3]), obs[2:3])
     assert torch.equal(one, acted[2:3])
+    # The bias laid out per row (the rollout's layout) changes nothing.
+    assert torch.equal(towers.act(towers.actor_weights(params, rows=4), obs), acted)

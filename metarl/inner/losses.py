@@ -39,16 +39,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor,
     (1 - done_t) * A_{t+1}`` (no advantage flows across an episode's end). Steps in which
     an environment reset (``valid`` false) get an estimate too; the loss masks them out.
     """
-    P, T, N = rewards.shape
+    T = rewards.shape[1]
     not_term = (~terminated).to(values.dtype)
-    not_done = (~done).to(values.dtype)
-    out = torch.empty(P, T, N, dtype=values.dtype, device=values.device)
-    adv = torch.zeros(P, N, dtype=values.dtype, device=values.device)
-    gl = gamma * lam
-    for t in range(T - 1, -1, -1):
-        delta = rewards[:, t] + gamma * values[:, t + 1] * not_term[:, t] - values[:, t]
-        adv = delta + gl * not_done[:, t] * adv
-        out[:, t] = adv
+    # Every step's delta and discount at once (elementwise, so the same floats as step by
+    # step); the recursion is then two operations per step, written in place.
+    out = rewards + gamma * values[:, 1:] * not_term - values[:, :T]  # delta, then A
+    decay = (~done).to(values.dtype).mul_(gamma * lam)
+    tmp = torch.empty_like(out[:, 0])
+    for t in range(T - 2, -1, -1):
+        torch.mul(decay[:, t], out[:, t + 1], out=tmp)
+        out[:, t] += tmp
     return out
 
 

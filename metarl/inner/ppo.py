@@ -324,9 +324,10 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
         loss_fn = compiled.minibatch_loss(model, layout, config, drift, log_std_slice,
                                           opt.needs_activations)
 
-    def critic(flat, obs):
-        return population_tower(model, layout, flat, "critic", obs,
-                                fused=config.fused).squeeze(-1)
+    def critic(flat, obs, reuse=False):
+        if config.fused:  # the same numbers; the large call's layers in a workspace
+            return towers.tower(flat, "critic", obs, reuse=reuse).squeeze(-1)
+        return population_tower(model, layout, flat, "critic", obs, fused=False).squeeze(-1)
 
     # Episode statistics per member and environment.
     last_return = torch.full((P, N), float("nan"), device=device)
@@ -350,7 +351,7 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
         with torch.no_grad():
             log_std = params[:, log_std_slice] if log_std_slice else None
             # The actor's layers laid out for acting, once per rollout.
-            weights = towers.actor_weights(params) if config.fused else params
+            weights = towers.actor_weights(params, N) if config.fused else params
             # The whole rollout's action noise in one draw: [P, T, N, A].
             k = rng.fold(keys, _S_ACTION, update)
             if discrete:
@@ -374,7 +375,8 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
             columns = list(zip(*steps))
             obs_buf, act_buf, logp_buf, rew_buf, term_buf, done_buf, valid_buf = (
                 torch.stack(x, dim=1) for x in columns)
-            values = torch.cat([critic(params, obs_buf.view(P, T * N, -1)).view(P, T, N),
+            values = torch.cat([critic(params, obs_buf.view(P, T * N, -1),
+                                       reuse="rollout").view(P, T, N),
                                 critic(params, obs).unsqueeze(1)], dim=1)  # [P, T + 1, N]
 
             adv_buf = gae(rew_buf, values, term_buf, done_buf, config.gamma,

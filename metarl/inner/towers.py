@@ -76,11 +76,14 @@ class Towers:
 
     def tower(self, params: torch.Tensor, name: str, obs: torch.Tensor,
               saved: list | None = None, taps: dict | None = None,
-              reuse: bool = False) -> torch.Tensor:
+              reuse: bool | str = False) -> torch.Tensor:
         """One tower's output ``[P, B, out]``; ``saved`` (a list) receives each layer's
         input for :meth:`backward`, ``taps`` each layer's mean absolute output over the
         batch (see :meth:`metarl.nets.ActorCritic.tower`). With ``reuse``, the hidden
-        layers' outputs are written into the workspace (valid until the next such call)."""
+        layers' outputs (and a width-one layer's products) are written into the workspace,
+        valid until the next call with the same ``reuse`` (a string names a workspace of
+        its own, such as the rollout's critic, so that calls of two shapes do not take
+        turns reallocating one)."""
         h = obs
         P, B = obs.shape[0], obs.shape[1]
         for layer in self.towers[name]:
@@ -90,10 +93,13 @@ class Towers:
             if layer.out == 1:
                 # As metarl.nets.batched_linear: a multiply and a sum rounds the same for
                 # every population size, where a width-one bmm does not.
-                h = (h * w).sum(-1, keepdim=True) + b.unsqueeze(1)
+                prod = (torch.mul(h, w, out=self._buf(("hw", reuse, layer.name), h.shape, h))
+                        if reuse else h * w)
+                h = prod.sum(-1, keepdim=True) + b.unsqueeze(1)
             elif reuse:
                 h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2),
-                                  out=self._buf(("h", layer.name), (P, B, layer.out), h))
+                                  out=self._buf(("h", reuse, layer.name), (P, B, layer.out),
+                                                h))
             else:
                 h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
             if layer.hidden:
@@ -115,19 +121,23 @@ class Towers:
         value = self.tower(params, "critic", obs, keep.setdefault("critic", []), taps, reuse)
         return out, value.squeeze(-1)
 
-    def actor_weights(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The actor's layers laid out for acting (:meth:`act`): per layer ``(weight
-        transposed and contiguous [P, in, out], bias [P, 1, out])`` (a width-one layer
-        keeps its ``[P, 1, in]`` weight for the multiply-and-sum). Made once per rollout:
-        a batched matmul over a few rows per member is several times faster with its
-        right-hand side contiguous (its kernel rounds differently from the transposed
-        view's, by float rounding only)."""
+    def actor_weights(self, params: torch.Tensor, rows: int = 1
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The actor's layers laid out for acting (:meth:`act`) on ``rows`` observations
+        per member: per layer ``(weight transposed and contiguous [P, in, out], bias
+        repeated for every row [P, rows, out])`` (a width-one layer keeps its ``[P, 1,
+        in]`` weight for the multiply-and-sum). Made once per rollout: a batched matmul
+        over a few rows per member is several times faster with its right-hand side
+        contiguous (its kernel rounds differently from the transposed view's, by float
+        rounding only), and starts faster from a contiguous bias than from a broadcast one
+        (the same numbers). :meth:`act` accepts any number of rows when ``rows`` is 1."""
         P = params.shape[0]
         out = []
         for layer in self.towers["actor"]:
             w = self._weight(params, layer)
+            b = params[:, layer.b].reshape(P, 1, layer.out)
             out.append((w if layer.out == 1 else w.transpose(1, 2).contiguous(),
-                        params[:, layer.b].reshape(P, 1, layer.out)))
+                        b.expand(P, rows, layer.out).contiguous() if rows > 1 else b))
         return out
 
     def act(self, weights: list[tuple[torch.Tensor, torch.Tensor]],
