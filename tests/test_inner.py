@@ -80,12 +80,19 @@ def test_orthogonal_init():
     assert not torch.equal(p["actor.2.weight"][0], p["actor.2.weight"][1])
 
 
-def test_continuous_control_runs_with_normalisation():
-    cfg = config_for("Pendulum-v1", num_envs=2, num_steps=16, total_timesteps=64,
-                     num_minibatches=2, update_epochs=1, backend="torch")
-    res = train(cfg, "ppo-clip", seeds=[0, 1])
+def test_continuous_control_with_normalisation_member_alone_equals_population():
+    """Pendulum (Gaussian policy, observation and reward normalisation, clipped actions):
+    a member trained alone gets its population run's numbers bit for bit, and the
+    members differ."""
+    cfg = config_for("Pendulum-v1", num_envs=2, num_steps=16, total_timesteps=256,
+                     num_minibatches=2, update_epochs=2, backend="torch")
+    res = train(cfg, "ppo-clip", seeds=[0, 1, 2])
     assert res.config.normalize_obs and res.config.clip_action
-    assert res.curve.shape == (2, 2) and torch.isfinite(res.final_return).all()
+    assert res.curve.shape == (3, 8) and torch.isfinite(res.final_return).all()
+    alone = train(cfg, "ppo-clip", seeds=[1])
+    assert torch.equal(alone.curve[0], res.curve[1])
+    assert torch.equal(alone.agent_params[0], res.agent_params[1])
+    assert not torch.equal(res.agent_params[0], res.agent_params[1])
 
 
 def test_nan_member_fails_alone(tiny_cartpole):

@@ -321,3 +321,23 @@ def test_gaussian_policy_log_prob_and_entropy():
                      - s[a] - 0.5 * math.log(2 * math.pi) for a in range(3))
             assert math.isclose(float(logp[p, b]), lp, rel_tol=1e-12)
             assert math.isclose(float(ent[p, b]), e, rel_tol=1e-12)
+
+
+def test_log_probs_of_a_whole_rollout_equal_step_by_step():
+    """The loop takes the rollout's log-probabilities once, over the stacked steps
+    ``[P, T * N]``: row by row, so bit for bit the same as step by step ``[P, N]``."""
+    g = torch.Generator().manual_seed(1)
+    P, T, N = 3, 16, 4
+    for A, continuous in ((2, False), (6, False), (1, True), (6, True)):
+        out = torch.randn(P, T, N, A, generator=g)
+        if continuous:
+            log_std = torch.randn(P, A, generator=g)
+            act = out + torch.randn(P, T, N, A, generator=g)
+        else:
+            log_std = None
+            act = torch.randint(0, A, (P, T, N), generator=g)
+        whole = policy_logp(out.view(P, T * N, A), log_std,
+                            act.view(P, T * N, *act.shape[3:]), entropy=False)[0]
+        steps = torch.stack([policy_logp(out[:, t], log_std, act[:, t], entropy=False)[0]
+                             for t in range(T)], dim=1)
+        assert torch.equal(whole.view(P, T, N), steps)

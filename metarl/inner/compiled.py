@@ -36,7 +36,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from metarl.inner.losses import policy_logp, ppo_loss, ppo_objective
+from metarl.inner.losses import ppo_loss, ppo_objective
 from metarl.inner.towers import Towers
 from metarl.nets import population_forward, population_tower
 
@@ -73,8 +73,10 @@ def _structure(model, config, device) -> tuple:
 
 
 def policy_step(model, layout, config) -> Callable:
-    """``fn(weights, obs, noise, log_std, low, high) -> (action, env_action, logp)`` for
-    one rollout step of the population (``obs [P, N, obs_dim]``, ``noise [P, N, A]``);
+    """``fn(weights, obs, noise, log_std, low, high) -> (action, env_action, out)`` for
+    one rollout step of the population (``obs [P, N, obs_dim]``, ``noise [P, N, A]``;
+    ``out [P, N, A]`` is the actor's output, from which the loop takes the actions'
+    log-probabilities for the whole rollout at once);
     ``weights`` is :meth:`metarl.inner.towers.Towers.actor_weights` of the parameters (the
     parameters themselves with ``fused=False``); ``log_std``, ``low`` and ``high`` are None
     for a discrete policy. It runs eagerly: compiled, it measured slower (its batched
@@ -94,15 +96,14 @@ def policy_step(model, layout, config) -> Callable:
             env_action = torch.nan_to_num(action.reshape(P * N, -1))
             if clip:
                 env_action = torch.maximum(torch.minimum(env_action, high), low)
-        logp, _ = policy_logp(out, log_std, action, entropy=False)
-        return action, env_action, logp
+        return action, env_action, out
 
     return fn
 
 
 def rollout_step(model, layout, config, env, device, compile: bool = True) -> Callable:
     """``fn(env, weights, obs, noise, log_std, low, high, ep_sum, ep_count, last_return) ->
-    (action, logp, next_obs, reward, terminated, done, valid, ep_sum, ep_count,
+    (action, out, next_obs, reward, terminated, done, valid, ep_sum, ep_count,
     last_return)``: one step of the rollout for the population, the policy acting
     (:func:`policy_step`) and ``env`` stepping, every result shaped ``[P, N, ...]``. The
     episode statistics come in and go out updated: the sum and count of the returns of
@@ -138,9 +139,9 @@ def rollout_step(model, layout, config, env, device, compile: bool = True) -> Ca
         stepper = env_step(type(env).step, not env.fresh_obs)
 
     def fn(env, weights, obs, noise, log_std, low, high, ep_sum, ep_count, last_return):
-        action, env_action, logp = policy(weights, obs, noise, log_std, low, high)
-        P, N = logp.shape
-        return (action, logp, *stepper(env, env_action, P, N, ep_sum, ep_count, last_return))
+        action, env_action, out = policy(weights, obs, noise, log_std, low, high)
+        P, N = out.shape[0], out.shape[1]
+        return (action, out, *stepper(env, env_action, P, N, ep_sum, ep_count, last_return))
 
     return fn
 

@@ -41,7 +41,7 @@ from metarl.families.base import Member
 from metarl.families.drift import Drift
 from metarl.families.optim import AgentLayout, OptimMember, StepContext
 from metarl.inner import compiled
-from metarl.inner.losses import clip_grads, gae
+from metarl.inner.losses import clip_grads, gae, policy_logp
 from metarl.inner.normalize import ObsNormalizer, RewardNormalizer
 from metarl.inner.towers import Towers
 from metarl.nets import (
@@ -324,6 +324,9 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
         loss_fn = compiled.minibatch_loss(model, layout, config, drift, log_std_slice,
                                           opt.needs_activations)
 
+    # Members per pass of the critic over the rollout: about 2 MB of activations (fused).
+    critic_chunk = max(1, (1 << 19) // (T * N * config.hidden)) if config.fused else P
+
     def critic(flat, obs, reuse=False):
         if config.fused:  # the same numbers; the large call's layers in a workspace
             return towers.tower(flat, "critic", obs, reuse=reuse).squeeze(-1)
@@ -362,22 +365,33 @@ def _train(config, env, member, drift, optimizer, meta, seeds, progress, callbac
             steps = []
             for t in range(T):
                 # Only the actor acts; the critic runs once on the whole rollout below.
-                (action, logp, raw_obs, reward, terminated, done, valid,
+                (action, out, raw_obs, reward, terminated, done, valid,
                  *ep_stats) = rollout_step(env, weights, obs, noise[:, t], log_std, low, high,
                                            *ep_stats)
                 if rew_norm:
                     reward = rew_norm(reward, done)
-                steps.append((obs, action, logp, reward, terminated, done, valid))
+                steps.append((obs, action, out, reward, terminated, done, valid))
                 obs = obs_norm(raw_obs) if obs_norm else raw_obs
             ep_sum, ep_count, last_return = ep_stats
             # [P, T, N, ...] buffers, population first so that a member's batch is a view;
             # the observations keep one more slot for the observation after the last step.
             columns = list(zip(*steps))
-            obs_buf, act_buf, logp_buf, rew_buf, term_buf, done_buf, valid_buf = (
+            obs_buf, act_buf, out_buf, rew_buf, term_buf, done_buf, valid_buf = (
                 torch.stack(x, dim=1) for x in columns)
-            values = torch.cat([critic(params, obs_buf.view(P, T * N, -1),
-                                       reuse="rollout").view(P, T, N),
-                                critic(params, obs).unsqueeze(1)], dim=1)  # [P, T + 1, N]
+            # The actions' log-probabilities, for the whole rollout at once (row by row, so
+            # the same numbers as step by step).
+            logp_buf = policy_logp(out_buf.view(P, T * N, A), log_std,
+                                   act_buf.view(P, T * N, *act_buf.shape[3:]),
+                                   entropy=False)[0].view(P, T, N)
+            # The critic's values [P, T + 1, N], a few members at a time (a member's values
+            # do not depend on who is beside it): each pass's activations stay in cache.
+            values = torch.empty(P, T + 1, N, device=device)
+            for c in range(0, P, critic_chunk):
+                s = slice(c, c + critic_chunk)
+                part = obs_buf[s].view(-1, T * N, obs_buf.shape[-1])
+                values[s, :T] = critic(params[s], part, reuse=("rollout", part.shape[0])
+                                       ).view(-1, T, N)
+            values[:, T] = critic(params, obs)
 
             adv_buf = gae(rew_buf, values, term_buf, done_buf, config.gamma,
                           config.gae_lambda)
