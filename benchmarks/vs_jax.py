@@ -1,8 +1,9 @@
 """Population PPO: metarl's inner loop against a purejaxrl-style JAX loop (CartPole-v1 by
 default; ``--env`` takes a MinAtar game, gymnax's on the JAX side, its grid flattened).
 
-For each population size P it trains P agents with both implementations in one process
-and reports agent-steps per second (environment steps summed over members, divided by
+For each population size P it trains P agents with both implementations, each side in
+a fresh child process of this script run (in one process, torch ran about 5% slower after
+a JAX run than before it, and stayed so), and reports agent-steps per second (environment steps summed over members, divided by
 wall time), the ratio metarl / JAX, and each side's mean final return (the mean return
 of the episodes that ended in the last update, per environment as metarl measures it,
 averaged over environments and members).
@@ -60,6 +61,8 @@ import argparse
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -260,6 +263,45 @@ def metarl_run(cfg, p: int):
     return res.env_steps / (time.perf_counter() - t0), res.mean
 
 
+def worker(args, cfg) -> dict:
+    """One side at one P, in this (fresh) process: what the parent prints."""
+    p = int(args.sizes)
+    if args.worker == "jax":
+        rate, compile_s, ret = jax_run(cfg, p)
+        return {"rate": rate, "compile_s": compile_s, "return": ret}
+    out = {}
+    t0 = time.perf_counter()
+    metarl_run(cfg.replace(total_timesteps=cfg.batch_size), 1)  # warm-up (compiles)
+    out["warmup_s"] = time.perf_counter() - t0
+    if args.compile:  # compiled once per shape: a one-update call at this P first
+        t0 = time.perf_counter()
+        metarl_run(cfg.replace(total_timesteps=cfg.batch_size), p)
+        out["first_call_s"] = time.perf_counter() - t0
+    out["rate"], out["return"] = metarl_run(cfg, p)
+    return out
+
+
+def run_side(side: str, p: int) -> dict:
+    """Run one side at one P in a child process of this script (same arguments)."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # the parent's arguments, less its --sizes and --skip
+        if skip:
+            skip = False
+        elif a in ("--sizes", "--skip"):
+            skip = True
+        elif not a.startswith(("--sizes=", "--skip=")):
+            argv.append(a)
+    cmd = [sys.executable, __file__, *argv, "--sizes", str(p), "--worker", side]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"the {side} run at P={p} failed (exit {proc.returncode}): "
+                         + " ".join(cmd))
+    for line in lines[:-1]:
+        print(line)
+    return json.loads(lines[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,8,64", help="population sizes")
@@ -275,10 +317,15 @@ def main():
                          "the compile time is printed separately)")
     ap.add_argument("--skip", choices=("jax", "metarl"), default=None,
                     help="leave one side out")
+    ap.add_argument("--worker", choices=("jax", "metarl"), default=None,
+                    help=argparse.SUPPRESS)  # one side at one P, run by the parent
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = config_for(args.env, backend=args.backend,
                      total_timesteps=args.total_timesteps, compile=args.compile)
+    if args.worker:
+        print(json.dumps(worker(args, cfg)))
+        return
     steps = cfg.num_updates * cfg.batch_size
     import jax
 
@@ -287,28 +334,23 @@ def main():
           f"backend {args.backend}, torch {torch.__version__}, {args.threads} threads; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    warmup_s = None
-    if args.skip != "metarl":
-        t0 = time.perf_counter()
-        metarl_run(cfg.replace(total_timesteps=cfg.batch_size), 1)  # warm-up (compiles)
-        warmup_s = round(time.perf_counter() - t0, 1)
-
     headline = {"benchmark": "vs_jax", "env": cfg.env_id, "backend": args.backend,
                 "threads": args.threads,
-                "compile": args.compile, "metarl_warmup_s": warmup_s,
+                "compile": args.compile, "metarl_warmup_s": None,
                 "steps_per_agent": steps, "jax": jax.__version__}
     print(f"{'P':>4} {'JAX steps/s':>12} {'metarl steps/s':>15} {'metarl/JAX':>10} "
           f"{'JAX return':>10} {'metarl return':>13} {'JAX compile s':>13}")
     for p in [int(s) for s in args.sizes.split(",")]:
         j_rate = j_compile = j_ret = m_rate = m_ret = float("nan")
         if args.skip != "jax":
-            j_rate, j_compile, j_ret = jax_run(cfg, p)
+            j = run_side("jax", p)
+            j_rate, j_compile, j_ret = j["rate"], j["compile_s"], j["return"]
         if args.skip != "metarl":
-            if args.compile:  # compiled once per shape: a one-update call at this P first
-                t0 = time.perf_counter()
-                metarl_run(cfg.replace(total_timesteps=cfg.batch_size), p)
-                headline[f"P{p}_metarl_first_call_s"] = round(time.perf_counter() - t0, 1)
-            m_rate, m_ret = metarl_run(cfg, p)
+            m = run_side("metarl", p)
+            m_rate, m_ret = m["rate"], m["return"]
+            headline["metarl_warmup_s"] = round(m["warmup_s"], 1)
+            if "first_call_s" in m:
+                headline[f"P{p}_metarl_first_call_s"] = round(m["first_call_s"], 1)
         ratio = m_rate / j_rate
         print(f"{p:>4} {j_rate:>12,.0f} {m_rate:>15,.0f} {ratio:>9.2f}x "
               f"{j_ret:>10.1f} {m_ret:>13.1f} {j_compile:>13.1f}", flush=True)
