@@ -72,6 +72,8 @@ def main():
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rate(cfg.replace(total_timesteps=cfg.batch_size), [0])  # warm-up
 
+    if args.alone < 1:
+        raise SystemExit("--alone must be at least 1 (the ratios are against it)")
     t0 = time.perf_counter()
     steps = sum(train(cfg, "ppo-clip", seeds=[1000 + i]).env_steps
                 for i in range(args.alone))

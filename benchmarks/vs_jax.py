@@ -3,8 +3,9 @@ default; ``--env`` takes a MinAtar game, gymnax's on the JAX side, its grid flat
 
 For each population size P it trains P agents with both implementations, each side in
 a fresh child process of this script run (in one process, torch ran about 5% slower after
-a JAX run than before it, and stayed so), and reports agent-steps per second (environment steps summed over members, divided by
-wall time), the ratio metarl / JAX, and each side's mean final return (the mean return
+a JAX run than before it, and stayed so), and reports agent-steps per second
+(environment steps summed over members, divided by wall time), the ratio metarl / JAX,
+and each side's mean final return (the mean return
 of the episodes that ended in the last update, per environment as metarl measures it,
 averaged over environments and members).
 
@@ -49,6 +50,7 @@ wait for each other); ``--threads 1`` measures metarl there.
     python benchmarks/vs_jax.py --sizes 8 --total-timesteps 32768
     python benchmarks/vs_jax.py --backend envpool --threads 2
     python benchmarks/vs_jax.py --compile                      # metarl with compile=True
+    python benchmarks/vs_jax.py --compile --sizes 64 --repeats 3   # medians of 3 pairs
     python benchmarks/vs_jax.py --env Breakout-MinAtar --sizes 64 --total-timesteps 65536
 
 JAX is imported by this script only (the optional ``reference`` extra), never by metarl.
@@ -64,6 +66,7 @@ import os
 import subprocess
 import sys
 import time
+from statistics import median
 
 import torch
 
@@ -317,6 +320,9 @@ def main():
                          "the compile time is printed separately)")
     ap.add_argument("--skip", choices=("jax", "metarl"), default=None,
                     help="leave one side out")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure each P this many times, alternating the sides, and "
+                         "report the medians (the machine's noise is several percent)")
     ap.add_argument("--worker", choices=("jax", "metarl"), default=None,
                     help=argparse.SUPPRESS)  # one side at one P, run by the parent
     args = ap.parse_args()
@@ -341,16 +347,24 @@ def main():
     print(f"{'P':>4} {'JAX steps/s':>12} {'metarl steps/s':>15} {'metarl/JAX':>10} "
           f"{'JAX return':>10} {'metarl return':>13} {'JAX compile s':>13}")
     for p in [int(s) for s in args.sizes.split(",")]:
-        j_rate = j_compile = j_ret = m_rate = m_ret = float("nan")
-        if args.skip != "jax":
-            j = run_side("jax", p)
-            j_rate, j_compile, j_ret = j["rate"], j["compile_s"], j["return"]
+        nan = {"rate": float("nan"), "compile_s": float("nan"), "return": float("nan")}
+        js, ms = [], []
+        for _ in range(max(1, args.repeats)):
+            js.append(run_side("jax", p) if args.skip != "jax" else nan)
+            ms.append(run_side("metarl", p) if args.skip != "metarl" else nan)
+        j_rate, j_compile, j_ret = (median([j[k] for j in js])
+                                    for k in ("rate", "compile_s", "return"))
+        m_rate, m_ret = (median([m[k] for m in ms]) for k in ("rate", "return"))
         if args.skip != "metarl":
-            m = run_side("metarl", p)
-            m_rate, m_ret = m["rate"], m["return"]
-            headline["metarl_warmup_s"] = round(m["warmup_s"], 1)
-            if "first_call_s" in m:
-                headline[f"P{p}_metarl_first_call_s"] = round(m["first_call_s"], 1)
+            headline["metarl_warmup_s"] = round(ms[0]["warmup_s"], 1)
+            if "first_call_s" in ms[0]:
+                headline[f"P{p}_metarl_first_call_s"] = round(ms[0]["first_call_s"], 1)
+        if len(js) > 1:
+            pairs = [m["rate"] / j["rate"] for j, m in zip(js, ms)]
+            print(f"{p:>4} each pair, metarl/JAX: "
+                  + ", ".join(f"{r:.2f}x" for r in pairs), flush=True)
+            headline[f"P{p}_pair_ratios"] = [None if math.isnan(r) else round(r, 3)
+                                            for r in pairs]
         ratio = m_rate / j_rate
         print(f"{p:>4} {j_rate:>12,.0f} {m_rate:>15,.0f} {ratio:>9.2f}x "
               f"{j_ret:>10.1f} {m_ret:>13.1f} {j_compile:>13.1f}", flush=True)
