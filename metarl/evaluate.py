@@ -144,7 +144,10 @@ def evaluate(algorithms: list[str], envs: list[str], seeds=8,
                                        "failed": int(res.failed.sum()),
                                        "lr": getattr(c, lr_name) if lr_name else None,
                                        "lr_name": lr_name,
-                                       "lr_scores": lr_scores}
+                                       "lr_scores": lr_scores,
+                                       # the learning curve, mean over seeds per update
+                                       "timesteps": res.timesteps.tolist(),
+                                       "curve": res.curve.nanmean(dim=0).tolist()}
                 curves[(art.name, env_id)] = (res.timesteps, res.curve)
                 run.log(algorithm=art.name, env=env_id, mean=mean, stderr=se,
                         final_return=res.final_return)

@@ -1,0 +1,128 @@
+"""experiments/: both studies at the smoke scale end with their report, reuse finished
+cells on a rerun, and resume an interrupted cell; the report's statistics."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def load(name):
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+study_mod = load("_study")
+
+
+def run(mod, out, capsys, *extra):
+    assert mod.main(["--scale", "smoke", "--out", str(out), "--no-progress",
+                     "--wandb", "offline", *extra]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, methods, n_cells", [
+    ("lpo", ["ES (black box)", "distilled (same width)", "distilled (smaller)", "symbolic",
+             "LLM proposal", "ppo-clip", "dpo"], 12),
+    ("optimisers", ["OPEN ES (black box)", "OPEN distilled (same width)",
+                    "OPEN LLM proposal", "OPEN-FF ES (black box)", "OPEN-FF symbolic",
+                    "No-Features LLM proposal", "adam", "sgd"], 24),
+])
+def test_smoke_study_reports_reuses_and_resumes(name, methods, n_cells, tmp_path, capsys):
+    mod = load(name)
+    out = tmp_path / name
+    first = run(mod, out, capsys)
+    report = (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    envs = [mod.META_ENV, *mod.GENERAL]
+    for m in methods:
+        assert f"| {m} |" in report
+        assert set(results["normalized"][m]) == set(envs)
+    for e in envs:
+        assert e in report
+    assert (out / "bars.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+    assert "## The paper's findings" in report and "too small to say" in report
+    cells = sorted(p.name for p in (out / "cells").iterdir())
+    assert len(cells) == n_cells, cells
+    for c in cells:  # every cell logged to W&B (offline) once
+        assert (out / "cells" / c / "wandb-logged.json").exists(), c
+    assert "finished earlier" not in first
+
+    # A rerun of the finished study trains nothing: every cell is reused.
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("results.json")}
+    second = run(mod, out, capsys)
+    assert second.count("finished earlier, reused") == n_cells
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert (out / "report.md").read_text() == report  # the same report from the same cells
+
+    # An interrupted evaluation (one environment done, the cell not) redoes only the rest.
+    ev = out / "cells" / f"eval-{study_mod._slug(methods[-1])}"
+    kept = ev / mod.META_ENV / "results.json"
+    kept_mtime = kept.stat().st_mtime_ns
+    (ev / "results.json").unlink()
+    for e in mod.GENERAL:
+        (ev / e / "results.json").unlink()
+    third = run(mod, out, capsys)
+    assert f"eval-{study_mod._slug(methods[-1])}: resuming" in third
+    assert third.count("finished earlier, reused") == n_cells - 1
+    assert kept.stat().st_mtime_ns == kept_mtime
+    assert json.loads((out / "results.json").read_text())["normalized"] == \
+        results["normalized"]
+
+
+def test_a_study_directory_is_not_taken_over(tmp_path):
+    study_mod.Study("lpo", "smoke", tmp_path / "s", wandb="off")
+    with pytest.raises(ValueError, match="holds the lpo study at scale smoke"):
+        study_mod.Study("lpo", "small", tmp_path / "s", wandb="off")
+    with pytest.raises(ValueError, match="holds the lpo study"):
+        study_mod.Study("optimisers", "smoke", tmp_path / "s", wandb="off")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not empty and holds no study"):
+        study_mod.Study("lpo", "smoke", tmp_path / "other", wandb="off")
+    with pytest.raises(ValueError, match="--scale must be one of smoke, small, paper"):
+        study_mod.Study("lpo", "huge", tmp_path / "x")
+
+
+def test_sign_flip_p_value_exact_and_its_edge_cases():
+    # 4 positive differences: only "all +" and "all -" reach |sum| = 10: p = 2/16.
+    assert study_mod.paired_sign_flip([1, 2, 3, 4]) == pytest.approx(2 / 16)
+    assert study_mod.paired_sign_flip([0, 0, 0]) == 1.0
+    assert study_mod.paired_sign_flip([1.0, -1.0]) == 1.0
+    assert math.isnan(study_mod.paired_sign_flip([]))
+    # Many pairs, all one way: the Monte Carlo p is tiny.
+    assert study_mod.paired_sign_flip([1.0] * 40) < 1e-3
+
+
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_n():
+    import random
+
+    rnd = random.Random(0)
+    small = [rnd.gauss(1.0, 1.0) for _ in range(8)]
+    large = [rnd.gauss(1.0, 1.0) for _ in range(400)]
+    for x in (small, large):
+        lo, hi = study_mod.bootstrap_ci(x)
+        m = sum(x) / len(x)
+        assert lo < m < hi
+    assert (study_mod.bootstrap_ci(large)[1] - study_mod.bootstrap_ci(large)[0]) < \
+        (study_mod.bootstrap_ci(small)[1] - study_mod.bootstrap_ci(small)[0]) / 3
+    assert all(math.isnan(v) for v in study_mod.bootstrap_ci([1.0]))
+
+
+def test_verdicts():
+    v = study_mod.verdict
+    big = {"n": 20, "p": 0.001, "diff": 0.3}
+    assert v("small", big, "better") == "supported"
+    assert v("small", big, "worse") == "contradicted"
+    assert v("small", {**big, "diff": -0.3}, "not worse") == "contradicted"
+    assert v("small", {**big, "p": 0.4}, "better").startswith("not shown")
+    assert v("small", {**big, "p": 0.4}, "not worse") == "supported"
+    assert v("smoke", big, "better").startswith("too small to say")
