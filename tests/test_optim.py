@@ -181,6 +181,39 @@ def test_population_step_matches_the_module_and_the_update_rule(name):
         assert not torch.equal(params, before)
 
 
+@pytest.mark.parametrize("name", ["open", "open-ff", "no-features"])
+def test_network_update_in_blocks_equals_one_pass(name, monkeypatch):
+    """A network member's update runs a block of parameters at a time (the network sees
+    each parameter on its own): blocks of 256 give one pass's numbers, for every
+    parameter, over steps that carry OPEN's hidden state."""
+    import metarl.families.optim.learned as learned
+
+    model = ActorCritic(4, 2, True, hidden=64, layers=2)  # D = 9,155: 36 blocks of 256
+    layout = AgentLayout.for_actor_critic(model)
+    P, D = 2, layout.numel
+    meta = torch.stack([OPTIM.initial_params(name, s) for s in range(P)])
+    meta[:, -3:] += 1.0
+    acts = {k: torch.rand(P, n) for k, n in (("actor.0", 64), ("actor.2", 64),
+                                             ("actor.4", 2), ("critic.0", 64),
+                                             ("critic.2", 64), ("critic.4", 1))}
+    torch.manual_seed(3)
+    start, grads = torch.randn(P, D), [torch.randn(P, D) for _ in range(3)]
+    runs = {}
+    for block_floats in (1 << 40, 1):  # one pass; blocks of the minimum, 256
+        monkeypatch.setattr(learned, "BLOCK_FLOATS", block_floats)
+        stepper = LearnedUpdate(make_member(name), meta, layout, rng.seed_keys([1, 2]))
+        params = start.clone()
+        state = stepper.init(params)
+        for step, g in enumerate(grads):
+            stepper.step(params, g, state, StepContext(step, 4, 0, 4, step, 4, acts))
+        runs[block_floats] = (params, state)
+    (one, s1), (blocks, s2) = runs[1 << 40], runs[1]
+    assert not torch.equal(one, start)
+    torch.testing.assert_close(blocks, one, rtol=0, atol=0)
+    if "hidden" in s1:
+        assert torch.equal(s1["hidden"], s2["hidden"]) and s1["hidden"].abs().sum() > 0
+
+
 def test_zero_network_makes_no_update():
     """The reference code's ES start (all zeros) is a zero update: LayerNorm with zero
     scale outputs 0, so o1 = 0 and nothing moves."""
