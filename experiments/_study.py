@@ -84,9 +84,29 @@ class Study:
         results``. ``resumable`` names the file whose presence lets an interrupted cell
         resume (``checkpoint.pt``, ``state.json``), or is True when ``run`` picks up
         whatever an interrupted run left (an evaluation's finished environments);
-        without it, an interrupted cell starts again in a clean directory."""
+        without it, an interrupted cell starts again in a clean directory.
+
+        ``config`` (JSON-able: the call's settings and the fingerprints of the cells it
+        reads, :func:`fingerprint`) is written to ``cell.json`` before the cell runs; a
+        cell whose recorded configuration differs (the scale's settings or the code
+        changed, or a cell it reads was run again) is refused, never silently reused or
+        overwritten."""
         d = self.cell_dir(name)
         done = d / "results.json"
+        record = d / "cell.json"
+        config = json.loads(json.dumps(config, default=str))
+        if record.exists():
+            held = _read(record).get("config")
+            if held != config:
+                diff = sorted(k for k in set(held or {}) | set(config)
+                              if (held or {}).get(k) != config.get(k))
+                raise ValueError(
+                    f"cell {name} in {self.out} was run with another configuration "
+                    f"(differs in: {', '.join(diff)}); delete {d} (and the cells that read "
+                    f"it) to run it again, or choose another --out")
+        elif done.exists():
+            raise ValueError(f"{d} holds results but no cell.json; delete it or choose "
+                             f"another --out")
         if done.exists():
             self.echo(f"[{self.name}] {name}: finished earlier, reused")
             results = _read(done)
@@ -96,17 +116,17 @@ class Study:
             if d.exists() and not resume:
                 shutil.rmtree(d)  # an interrupted cell that cannot resume: start again
             self.echo(f"[{self.name}] {name}: {'resuming' if resume else 'running'}")
-            d.parent.mkdir(parents=True, exist_ok=True)
+            d.mkdir(parents=True, exist_ok=True)
+            _write_atomic(record, json.dumps({"config": config}, indent=1) + "\n")
             t0 = time.time()
             run(d, resume)
             if not done.exists():
                 raise RuntimeError(f"cell {name} ended without writing {done}")
             results = _read(done)
-            info = {"config": config, "wall_time_this_call_s": time.time() - t0}
-            _write_atomic(d / "cell.json", json.dumps(info, indent=1, default=str) + "\n")
+            _write_atomic(record, json.dumps({"config": config, "wall_time_this_call_s":
+                                              time.time() - t0}, indent=1) + "\n")
         self.cells[name] = results
-        self.wall[name] = _read(d / "cell.json")["wall_time_this_call_s"] \
-            if (d / "cell.json").exists() else 0.0
+        self.wall[name] = _read(record).get("wall_time_this_call_s", 0.0)
         self._log_wandb(name, d, config, results)
         return results
 
@@ -148,11 +168,26 @@ class Study:
         _write_atomic(d / "wandb-logged.json", json.dumps({"run": run.id}) + "\n")
 
 
-def _numbers(row: dict) -> dict:
-    """The scalar numbers of a JSON row (what a W&B chart can show)."""
-    return {k: v for k, v in row.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v)}
+def _numbers(row: dict, prefix: str = "") -> dict:
+    """The scalar numbers of a JSON row, nested dicts flattened (``Ant-v4/mean``): what a
+    W&B chart can show."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, list) and v and all(isinstance(e, dict) for e in v):
+            for i, e in enumerate(v):
+                out.update(_numbers(e, f"{prefix}{k}/{i}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[prefix + k] = v
+    return out
+
+
+def fingerprint(path: Path) -> str:
+    """A cell's identity for the cells that read it: a hash of its ``results.json``."""
+    import hashlib
+
+    return hashlib.sha256((path / "results.json").read_bytes()).hexdigest()[:16]
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -177,9 +212,8 @@ def bootstrap_ci(x: Sequence[float], level: float = 0.95, n: int = 10_000,
     rnd = random.Random(seed)
     k = len(x)
     means = sorted(sum(rnd.choice(x) for _ in range(k)) / k for _ in range(n))
-    lo = means[int((1 - level) / 2 * n)]
-    hi = means[min(n - 1, int((1 + level) / 2 * n))]
-    return lo, hi
+    tail = round((1 - level) / 2 * n)  # resamples below the interval, and above it
+    return means[tail], means[n - 1 - tail]
 
 
 def paired_sign_flip(diffs: Sequence[float], n: int = 20_000, seed: int = 0) -> float:
@@ -191,15 +225,16 @@ def paired_sign_flip(diffs: Sequence[float], n: int = 20_000, seed: int = 0) -> 
     if not d:
         return math.nan
     obs = abs(sum(d))
+    at_least = obs * (1 - 1e-9)  # "as far as observed", allowing for summation order
     if len(d) <= 16:
         count = total = 0
         for mask in range(1 << len(d)):
             s = sum(-v if mask >> i & 1 else v for i, v in enumerate(d))
-            count += abs(s) >= obs - 1e-12
+            count += abs(s) >= at_least
             total += 1
         return count / total
     rnd = random.Random(seed)
-    count = sum(abs(sum(v if rnd.random() < 0.5 else -v for v in d)) >= obs - 1e-12
+    count = sum(abs(sum(v if rnd.random() < 0.5 else -v for v in d)) >= at_least
                 for _ in range(n))
     return (count + 1) / (n + 1)
 
@@ -210,8 +245,12 @@ def paired_sign_flip(diffs: Sequence[float], n: int = 20_000, seed: int = 0) -> 
 class Matrix:
     """Per-seed returns of every method on every environment, from evaluation cells, on
     the normalised scale: ``(R - R_random) / (R_ref - R_random)`` with the environment's
-    PPO reference return, or, where the environment has none (Ant), the study's own PPO
-    (``baseline``) mean in its place."""
+    PPO reference return. An environment without one (Ant) is normalised by the study's
+    own ``baseline`` mean in its place (so the baseline scores 1 there by construction)
+    and is left out of the pooled generalisation mean and of the findings' tests; where
+    even that is undefined (the baseline not clearly above random) it is not normalised.
+    A failed seed (a diverged agent: no final return) scores as a random policy, 0, and is
+    counted (:attr:`failed`): dropping it would favour unstable methods."""
 
     def __init__(self, evals: dict[str, dict], envs: Sequence[str], baseline: str):
         from metarl.configs import config_for, normalization
@@ -219,38 +258,59 @@ class Matrix:
         self.methods = list(evals)
         self.envs = list(envs)
         self.raw: dict[tuple[str, str], list[float]] = {}
+        self.failed: dict[tuple[str, str], int] = {}
+        self.seeds: dict[str, list[int]] = {}
         self.curves: dict[tuple[str, str], tuple[list, list]] = {}
         for m, res in evals.items():
             row = res["algorithms"][0]
+            self.seeds[m] = list(res["seeds"]) if isinstance(res["seeds"], list) else []
             for e in self.envs:
                 cell = row["envs"][e]
-                self.raw[m, e] = [float(v) for v in cell["final_return"]]
+                raw = [float(v) if v is not None else math.nan for v in cell["final_return"]]
+                self.raw[m, e] = raw
+                self.failed[m, e] = sum(not math.isfinite(v) for v in raw)
                 if "curve" in cell:
                     self.curves[m, e] = (cell["timesteps"], cell["curve"])
         self.scale: dict[str, tuple[float, float]] = {}
         self.scale_source: dict[str, str] = {}
+        self.referenced: list[str] = []  # environments with a PPO reference return
         for e in self.envs:
             c = config_for(e)
             if (s := normalization(c)) is not None:
                 self.scale[e] = s
                 self.scale_source[e] = f"reference {c.reference_return:g}"
+                self.referenced.append(e)
+                continue
+            rand = c.random_return or 0.0
+            ppo = mean_se(self.raw[baseline, e])[0]
+            span = ppo - rand
+            if math.isfinite(span) and span > 1e-6 * max(1.0, abs(rand)):
+                self.scale[e] = (rand, span)
+                self.scale_source[e] = (f"no reference return: {baseline}'s mean in this "
+                                        f"study ({ppo:.4g}) as 1, so {baseline} scores 1 "
+                                        f"by construction")
             else:
-                rand = c.random_return or 0.0
-                ppo = mean_se(self.raw[baseline, e])[0]
-                self.scale[e] = (rand, ppo - rand if ppo > rand else math.nan)
-                self.scale_source[e] = f"{baseline} in this study ({ppo:.4g})"
+                self.scale[e] = (rand, math.nan)
+                self.scale_source[e] = (f"no reference return, and {baseline}'s mean "
+                                        f"({ppo:.4g}) is not above random ({rand:.4g}): "
+                                        f"not normalised")
 
     def norm(self, m: str, e: str) -> list[float]:
         rand, span = self.scale[e]
-        return [(v - rand) / span for v in self.raw[m, e]]
+        return [0.0 if not math.isfinite(v) else (v - rand) / span for v in self.raw[m, e]]
 
     def pooled(self, m: str, envs: Sequence[str]) -> list[float]:
         return [v for e in envs for v in self.norm(m, e)]
 
     def compare(self, a: str, b: str, envs: Sequence[str]) -> dict:
-        """``a`` against ``b`` on ``envs``, paired by environment and seed (every method is
-        evaluated on the same seeds)."""
-        diffs = [x - y for e in envs for x, y in zip(self.norm(a, e), self.norm(b, e))]
+        """``a`` against ``b`` on the referenced ``envs``, paired by environment and seed
+        (every method is evaluated on the same seeds; checked)."""
+        if self.seeds[a] != self.seeds[b]:
+            raise ValueError(f"{a} and {b} were evaluated on different seeds "
+                             f"({self.seeds[a]} and {self.seeds[b]}): they cannot be paired")
+        envs = [e for e in envs if e in self.referenced]
+        diffs = [x - y for e in envs for x, y in zip(self.norm(a, e), self.norm(b, e))
+                 if math.isfinite(x - y)]
         return {"a": a, "b": b, "mean_a": mean_se(self.pooled(a, envs))[0],
                 "mean_b": mean_se(self.pooled(b, envs))[0],
                 "diff": mean_se(diffs)[0], "n": len(diffs), "p": paired_sign_flip(diffs)}
@@ -262,15 +322,18 @@ def _fmt(x: float, nd: int = 2) -> str:
 
 def table(mx: Matrix, in_dist: Sequence[str], general: Sequence[str]) -> str:
     envs = [*in_dist, *general]
-    head = ["method", *(f"{e} (in dist.)" for e in in_dist), *general, "generalisation mean"]
+    pooled = [e for e in general if e in mx.referenced]
+    head = ["method", *(f"{e} (in dist.)" for e in in_dist), *general,
+            "generalisation mean"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in mx.methods:
         cells = []
         for e in envs:
             mean, se = mean_se(mx.norm(m, e))
             lo, hi = bootstrap_ci(mx.norm(m, e))
-            cells.append(f"{_fmt(mean)} ± {_fmt(se)} [{_fmt(lo)}, {_fmt(hi)}]")
-        gm, gse = mean_se(mx.pooled(m, general))
+            failed = f" ({mx.failed[m, e]} failed)" if mx.failed[m, e] else ""
+            cells.append(f"{_fmt(mean)} ± {_fmt(se)} [{_fmt(lo)}, {_fmt(hi)}]{failed}")
+        gm, gse = mean_se(mx.pooled(m, pooled))
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(gm)} ± {_fmt(gse)} |")
     return "\n".join(lines)
 
@@ -323,36 +386,43 @@ def plots(mx: Matrix, out: Path) -> list[str]:
 
 
 def verdict(scale: str, cmp: dict, expect: str) -> str:
-    """Whether a comparison supports a finding that expects ``a`` to be ``"better"``,
-    ``"not worse"`` or ``"worse"`` than ``b`` (paired sign-flip test, 5% level)."""
+    """Whether a comparison bears out a finding that expects ``a`` to be ``"better"``,
+    ``"worse"``, ``"not worse"`` or ``"not better"`` than ``b`` (paired sign-flip test,
+    5% level). An expected difference needs a significant one in its direction; a "not
+    worse" / "not better" finding is only *not contradicted* by the absence of a
+    significant difference (which is not evidence of equality)."""
     p, diff = cmp["p"], cmp["diff"]
-    if scale == "smoke" or cmp["n"] < 6 or not math.isfinite(p):
+    if scale == "smoke":
         return "too small to say (smoke scale: a few seeds at a tiny budget)"
+    if cmp["n"] < 6 or not math.isfinite(p):
+        return f"too small to say ({cmp['n']} pairs; 6 or more are needed)"
     significant = p < 0.05
-    if expect == "better":
-        ok = significant and diff > 0
-    elif expect == "worse":
-        ok = significant and diff < 0
-    else:  # not worse
-        ok = not (significant and diff < 0)
-    if ok:
-        return "supported"
-    if not significant:
-        return "not shown (no significant difference at this scale)"
-    return "contradicted"
+    if expect in ("better", "worse"):
+        if significant and (diff > 0) == (expect == "better"):
+            return "supported"
+        return "contradicted" if significant else \
+            "not shown (no significant difference at this scale)"
+    against = diff < 0 if expect == "not worse" else diff > 0
+    if significant and against:
+        return "contradicted"
+    if significant:
+        return "supported (significantly " + ("better" if diff > 0 else "worse") + ")"
+    return "not contradicted (no significant difference)"
 
 
-def findings_section(scale: str, mx: Matrix, findings: Sequence[dict]) -> str:
+def findings_section(scale: str, mx: Matrix, findings: Sequence[dict],
+                     skipped: dict) -> str:
     """``findings``: dicts with ``text`` (the paper's finding), ``a``, ``b`` (methods),
-    ``envs``, ``expect`` and optionally ``note``; a finding whose methods were not run
-    says so."""
+    ``envs``, ``expect`` and optionally ``note``."""
     out = ["| finding | comparison | a | b | a - b | pairs | p (sign flip) | verdict |",
            "|---|---|---:|---:|---:|---:|---:|---|"]
     notes = []
     for i, f in enumerate(findings, 1):
-        if f["a"] not in mx.methods or f["b"] not in mx.methods:
-            out.append(f"| {i}. {f['text']} | {f['a']} vs {f['b']} | | | | | | not run "
-                       f"at this scale |")
+        missing = [m for m in (f["a"], f["b"]) if m not in mx.methods]
+        if missing:
+            why = "; ".join(skipped.values()) or "not run"
+            out.append(f"| {i}. {f['text']} | {f['a']} vs {f['b']} | | | | | | "
+                       f"{', '.join(missing)} not run: {why} |")
             continue
         c = mx.compare(f["a"], f["b"], f["envs"])
         out.append(f"| {i}. {f['text']} | {f['a']} vs {f['b']} ({f['expect']}) | "
@@ -381,6 +451,61 @@ def budget(steps: dict, env_id: str) -> dict:
     return {"total_timesteps": n} if n else {}
 
 
+def evaluation_seeds(sources: list[str], count: int) -> list[int]:
+    """The ``count`` smallest seeds on which none of the ``sources`` was selected (an LLM
+    proposal is selected on its scoring seeds): every method is evaluated on the same
+    seeds, so their results pair by seed, and none on a seed that chose it."""
+    from metarl.artifact import load
+    from metarl.evaluate import selection_seeds
+
+    used = set()
+    for source in sources:
+        used |= selection_seeds(load(source).provenance)
+    seeds, s = [], 0
+    while len(seeds) < count:
+        if s not in used:
+            seeds.append(s)
+        s += 1
+    return seeds
+
+
+def _reads(study: Study, source: str) -> dict:
+    """The fingerprint of the cell whose artifact ``source`` is (nothing for a name)."""
+    path = Path(source)
+    if path.suffix != ".pt" or not (path.parent / "results.json").exists():
+        return {}
+    return {path.parent.name: fingerprint(path.parent)}
+
+
+class _endpoint:
+    """The LLM endpoint of a proposal cell: ``--base-url``, or a scripted server on
+    127.0.0.1 answering ``script`` (with a placeholder key, restored afterwards)."""
+
+    def __init__(self, args, script):
+        self.args, self.script, self.server, self.saved = args, script, None, None
+
+    def __enter__(self) -> str | None:
+        if self.script is None:
+            return self.args.base_url
+        from metarl.testing.llm_server import ScriptedLLMServer, answer
+
+        self.server = ScriptedLLMServer([answer(code, n) for n, code in self.script])
+        self.server.start()
+        key = self.args.api_key_env
+        self.saved = (key, os.environ.get(key))
+        os.environ[key] = os.environ.get(key) or "scripted"
+        return self.server.url
+
+    def __exit__(self, *exc):
+        if self.server is not None:
+            self.server.stop()
+            key, old = self.saved
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
 def run_study(study: Study, *, scale: dict, meta_env: str, general: list[str],
               learned: list[dict], handcrafted: list[str], baseline: str,
               findings: list[dict], scripted: dict[str, list], args) -> dict:
@@ -389,7 +514,6 @@ def run_study(study: Study, *, scale: dict, meta_env: str, general: list[str],
     (the ES member), ``prefix`` (of its methods' labels), ``distill`` (student widths:
     ``"same"`` and/or a number), ``symbolic`` and ``propose`` (the proposal family, or
     None)."""
-    import time
 
     from metarl.evaluate import evaluate
     from metarl.meta.distill import DistillConfig, distill
@@ -408,6 +532,7 @@ def run_study(study: Study, *, scale: dict, meta_env: str, general: list[str],
             c, out=d, resume=resume, progress=progress, echo=study.echo),
             config=vars(es_cfg), resumable="checkpoint.pt")
         teacher = str(study.cell_dir(f"es-{m}") / "best.pt")
+        upstream = {"reads": {f"es-{m}": fingerprint(study.cell_dir(f"es-{m}"))}}
         es_label = f"{pre}ES (black box)"
         algos[es_label] = teacher
         costs[es_label] = {"env_steps": r["env_steps"], "wall_time": r["wall_time"]}
@@ -419,7 +544,7 @@ def run_study(study: Study, *, scale: dict, meta_env: str, general: list[str],
                                   **scale["distill"][spec["family"]])
             r = study.cell(name, lambda d, resume, c=d_cfg: distill(
                 c, out=d, resume=resume, progress=progress, log=study.echo),
-                config=vars(d_cfg), resumable="checkpoints/last.ckpt")
+                config={**vars(d_cfg), **upstream}, resumable="checkpoints/last.ckpt")
             algos[label] = r["artifact"]
             costs[label] = {"env_steps": costs[es_label]["env_steps"],
                             "wall_time": costs[es_label]["wall_time"] + r["wall_time_s"],
@@ -428,7 +553,7 @@ def run_study(study: Study, *, scale: dict, meta_env: str, general: list[str],
             s_cfg = SymbolicConfig(teacher=teacher, backend="gplearn",
                                    **scale["symbolic"][spec["family"]])
             r = study.cell(f"symbolic-{m}", lambda d, resume, c=s_cfg: symbolic_distill(
-                c, out=d, log=study.echo), config=vars(s_cfg))
+                c, out=d, log=study.echo), config={**vars(s_cfg), **upstream})
             label = f"{pre}symbolic"
             algos[label] = r["artifacts"]["best-score"]
             costs[label] = {"env_steps": costs[es_label]["env_steps"],
@@ -437,28 +562,21 @@ def run_study(study: Study, *, scale: dict, meta_env: str, general: list[str],
                             "note": f"`{r['best_score_formula']}`"}
         if spec.get("propose"):
             label, name = f"{pre}LLM proposal", f"propose-{spec['propose']}"
-            base_url, server = args.base_url, None
-            if base_url is None and study.scale == "smoke":
-                from metarl.testing.llm_server import ScriptedLLMServer, answer
-
-                server = ScriptedLLMServer([answer(code, n) for n, code in
-                                            scripted[spec["propose"]]]).start()
-                base_url = server.url
-                os.environ.setdefault(args.api_key_env, "scripted")
-            if base_url is None:
+            scripted_run = args.base_url is None and study.scale == "smoke"
+            finished = (study.cell_dir(name) / "results.json").exists()
+            if args.base_url is None and not scripted_run and not finished:
                 study.skip(name, "no LLM endpoint: pass --base-url (and --model)")
                 continue
-            p_cfg = ProposeConfig(family=spec["propose"], model=args.model,
-                                  base_url=base_url, api_key_env=args.api_key_env,
-                                  envs=[meta_env], **scale["propose"])
-            try:
+            with _endpoint(args, scripted[spec["propose"]] if scripted_run else None) as url:
+                p_cfg = ProposeConfig(family=spec["propose"], model=args.model,
+                                      base_url=url, api_key_env=args.api_key_env,
+                                      envs=[meta_env], **scale["propose"])
+                # the endpoint is not part of the cell's identity (a finished loop is
+                # reused without one; a resumed loop may continue on another server)
                 r = study.cell(name, lambda d, resume, c=p_cfg: propose(
                     c, out=d, resume=resume, log=study.echo),
                     config={k: v for k, v in vars(p_cfg).items() if k != "base_url"},
                     resumable="state.json")
-            finally:
-                if server is not None:
-                    server.stop()
             algos[label] = r["best"]
             costs[label] = {"env_steps": r["env_steps"], "wall_time": r["wall_time"],
                             "note": f"{r['proposals']} proposals, {r['valid']} valid, best "
@@ -468,30 +586,39 @@ def run_study(study: Study, *, scale: dict, meta_env: str, general: list[str],
         costs[name] = {"env_steps": 0, "wall_time": 0.0, "note": "handcrafted"}
 
     envs = [meta_env, *general]
+    seeds = evaluation_seeds(list(algos.values()), scale["eval_seeds"])
+    slugs = [_slug(label) for label in algos]
+    if len(set(slugs)) != len(slugs):
+        raise ValueError(f"two methods share an evaluation cell name: {slugs}")
     evals = {}
     for label, source in algos.items():
         def run_eval(d: Path, resume: bool, source=source, label=label):
-            rows, t0 = None, time.time()
+            rows, wall = None, 0.0
             for e in envs:  # one evaluation per environment: each its own budget
                 sub = d / e
                 if not (sub / "results.json").exists():
-                    evaluate([source], [e], seeds=scale["eval_seeds"],
+                    evaluate([source], [e], seeds=seeds,
                              meta_train_envs=[meta_env], out=sub, overwrite=True,
                              progress=progress, echo=lambda *a: None,
                              **budget(scale["eval_steps"], e))
-                row = _read(sub / "results.json")["algorithms"][0]
+                sub_results = _read(sub / "results.json")
+                wall += sub_results["wall_time"]
+                row = sub_results["algorithms"][0]
                 if rows is None:
                     rows = row
                 else:
                     rows["envs"].update(row["envs"])
             rows["algorithm"] = label
-            res = {"algorithms": [rows], "envs": envs, "seeds": scale["eval_seeds"],
-                   "meta_train_envs": [meta_env], "wall_time": time.time() - t0}
+            res = {"algorithms": [rows], "envs": envs, "seeds": seeds,
+                   "meta_train_envs": [meta_env], "wall_time": wall}
             _write_atomic(d / "results.json", json.dumps(res, default=str) + "\n")
 
         evals[label] = study.cell(f"eval-{_slug(label)}", run_eval,
                                   config={"algorithm": label, "source": source,
-                                          "envs": envs, "seeds": scale["eval_seeds"]},
+                                          "envs": envs, "seeds": seeds,
+                                          "budgets": {e: budget(scale["eval_steps"], e)
+                                                      for e in envs},
+                                          "reads": _reads(study, source)},
                                   resumable=True)
         costs[label]["eval_wall_time"] = evals[label]["wall_time"]
     return write_report(study, evals, costs, meta_env, general, baseline, findings,
@@ -507,19 +634,24 @@ def write_report(study: Study, evals: dict, costs: dict, meta_env: str,
     figures = plots(mx, study.out)
     seeds = next(iter(evals.values()))["seeds"]
     skipped = {k: v["skipped"] for k, v in study.cells.items() if "skipped" in v}
+    pooled = [e for e in general if e in mx.referenced]
     lines = [f"# The {study.name} study at the {study.scale} scale", "",
              f"Meta-trained on {meta_env}; evaluated there (in distribution) and on "
-             f"{', '.join(general)} (generalisation), {seeds} seeds per method and "
-             f"environment (the same seeds for every method). Its cells took "
+             f"{', '.join(general)} (generalisation), on seeds "
+             f"{', '.join(map(str, seeds))} for every method and environment (none of "
+             f"them a seed any method was selected on). Its cells took "
              f"{wall / 60:.1f} minutes in all (each cell's last run; the time of an "
              f"interrupted attempt is not counted).", ""]
     if study.scale != "paper":
         lines += [f"At the {study.scale} scale the budgets are far below the paper's; the "
                   f"numbers show the pipeline, not the paper's result.", ""]
     lines += ["## Normalised return", "",
-              "Mean ± standard error [95% bootstrap interval] over seeds; 0 is a random "
-              "policy, 1 the PPO reference. The generalisation mean pools every "
-              "generalisation environment's seeds.", "",
+              "Mean ± standard error [95% percentile-bootstrap interval of the mean] over "
+              "seeds; 0 is a random policy, 1 the PPO reference. A failed seed (a "
+              "diverged agent) counts as 0 and is marked. The generalisation mean pools "
+              f"the seeds of {', '.join(pooled)} (the generalisation environments with a "
+              "reference return). With fewer than about 8 seeds the bootstrap interval "
+              "is narrower than the truth: read it as a rough range.", "",
               table(mx, [meta_env], general), "",
               "Normalised by: " + "; ".join(f"{e}: {s}" for e, s in
                                             mx.scale_source.items()) + ".", "",
@@ -537,11 +669,15 @@ def write_report(study: Study, evals: dict, costs: dict, meta_env: str,
                      f"{c.get('note', '')} |")
     lines += ["", "## Figures", "", *(f"![{f}]({f})" for f in figures), "",
               "## The paper's findings", "",
-              "Each finding is tested on the generalisation environments, paired by "
-              "environment and seed: the two-sided p-value of a sign-flip permutation test "
-              "of the mean paired difference (exact up to 16 pairs). A verdict needs p < "
-              "0.05 in the expected direction; at the smoke scale none is given.", "",
-              findings_section(study.scale, mx, [{**f, "envs": general} for f in findings])]
+              "Each finding is tested on the generalisation environments with a reference "
+              f"return ({', '.join(pooled)}), paired by environment and seed: the "
+              "two-sided p-value of a sign-flip permutation test of the mean paired "
+              "difference (exact up to 16 pairs, else 20,000 random flips). An expected "
+              "difference is *supported* by p < 0.05 in its direction; an expected "
+              "absence of difference is only *not contradicted* when p >= 0.05. No "
+              "verdict at the smoke scale or with fewer than 6 pairs.", "",
+              findings_section(study.scale, mx, [{**f, "envs": general} for f in findings],
+                               skipped)]
     if skipped:
         lines += ["", "## Not run", ""] + [f"- {k}: {v}" for k, v in skipped.items()]
     (study.out / "report.md").write_text("\n".join(lines) + "\n")
@@ -549,10 +685,23 @@ def write_report(study: Study, evals: dict, costs: dict, meta_env: str,
                "general": general, "seeds": seeds, "wall_time": wall, "skipped": skipped,
                "normalized": {m: {e: mean_se(mx.norm(m, e))[0] for e in mx.envs}
                               for m in mx.methods},
-               "generalisation_mean": {m: mean_se(mx.pooled(m, general))[0]
+               "generalisation_mean": {m: mean_se(mx.pooled(m, pooled))[0]
                                        for m in mx.methods},
+               "failed_seeds": {m: {e: mx.failed[m, e] for e in mx.envs}
+                                for m in mx.methods},
                "costs": costs}
-    _write_atomic(study.out / "results.json", json.dumps(results, indent=1, default=str)
-                  + "\n")
+    _write_atomic(study.out / "results.json", json.dumps(_finite(results), indent=1,
+                                                          default=str) + "\n")
     study.echo((study.out / "report.md").read_text())
     return results
+
+
+def _finite(x):
+    """``x`` with NaN and infinities as None (JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

@@ -7,7 +7,7 @@ evaluates every result beside PPO's clip and DPO on Breakout-MinAtar (in distrib
 on CartPole-v1, Asterix-, Freeway-, SpaceInvaders-MinAtar and Ant-v4 (generalisation).
 Ends with ``report.md`` in ``--out``::
 
-    python experiments/lpo.py --scale smoke     # minutes on 2 CPU cores (CI runs it)
+    python experiments/lpo.py --scale smoke     # about a minute on 2 CPU cores (CI runs it)
     python experiments/lpo.py --scale small     # under an hour on 2 CPU cores
     python experiments/lpo.py --scale paper --model o3-mini --base-url URL   # GPUs, days
 
@@ -95,9 +95,8 @@ FINDINGS = [
     dict(text="distillation into a smaller network costs more than it gains",
          a="distilled (smaller)", b="ES (black box)", expect="worse"),
     dict(text="symbolic distillation rarely improves performance",
-         a="symbolic", b="ES (black box)", expect="not worse",
-         note="'rarely improves': supported when the formula is not better (the paper "
-              "expects no gain, and sometimes a loss)."),
+         a="symbolic", b="ES (black box)", expect="not better",
+         note="'rarely improves': the formula is expected not to beat its teacher."),
 ]
 
 

@@ -8,7 +8,7 @@ starting from Adam (OPEN) or SGD (the others); then evaluates every result besid
 SGD on Breakout-MinAtar (in distribution) and on CartPole-v1, Asterix-, Freeway-,
 SpaceInvaders-MinAtar and Ant-v4 (generalisation). Ends with ``report.md`` in ``--out``::
 
-    python experiments/optimisers.py --scale smoke     # minutes on 2 CPU cores (CI runs it)
+    python experiments/optimisers.py --scale smoke     # about two minutes on 2 CPU cores
     python experiments/optimisers.py --scale small     # about an hour on 2 CPU cores
     python experiments/optimisers.py --scale paper --model o3-mini --base-url URL
 
