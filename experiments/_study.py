@@ -31,6 +31,37 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 SCALES = ("smoke", "small", "paper")
+#: the paper's meta-training environment, and its generalisation set, for both studies
+META_ENV = "Breakout-MinAtar"
+GENERAL = ["CartPole-v1", "Asterix-MinAtar", "Freeway-MinAtar", "SpaceInvaders-MinAtar",
+           "Ant-v4"]
+
+
+def main(name: str, doc: str, scales: dict, argv=None, **study) -> int:
+    """The command line both studies share; ``study`` is :func:`run_study`'s keywords
+    (``learned`` may be a function of the scale's settings)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--scale", choices=list(scales), default="smoke")
+    ap.add_argument("--out", default=None, help="study directory (default "
+                    f"runs/experiments/{name}-SCALE)")
+    ap.add_argument("--wandb", default="offline", choices=["offline", "online", "off"])
+    ap.add_argument("--model", default="o3-mini", help="the LLM's model name")
+    ap.add_argument("--base-url", default=None, help="an OpenAI-compatible endpoint; "
+                    "without one the LLM steps are skipped (smoke: a scripted local "
+                    "server answers them)")
+    ap.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                    help="the environment variable that holds the endpoint's key")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    scale = scales[args.scale]
+    s = Study(name, args.scale, args.out or f"runs/experiments/{name}-{args.scale}",
+              wandb=args.wandb)
+    learned = study.pop("learned")
+    run_study(s, scale=scale, meta_env=META_ENV, general=GENERAL, args=args,
+              learned=learned(scale) if callable(learned) else learned, **study)
+    return 0
 
 
 def _read(path: Path) -> dict:

@@ -20,19 +20,15 @@ without one it is skipped, and the report says so.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _study import Study, run_study  # noqa: E402
+from _study import GENERAL, META_ENV  # noqa: E402, F401
+from _study import main as study_main  # noqa: E402
 
 from metarl.families.drift import DriftGrid  # noqa: E402
-
-META_ENV = "Breakout-MinAtar"
-GENERAL = ["CartPole-v1", "Asterix-MinAtar", "Freeway-MinAtar", "SpaceInvaders-MinAtar",
-           "Ant-v4"]
 
 #: per scale: the evolution strategy, distillation, symbolic regression, LLM loop and
 #: evaluation budgets (inner budgets are environment steps per agent)
@@ -101,26 +97,10 @@ FINDINGS = [
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scale", choices=list(SCALES), default="smoke")
-    ap.add_argument("--out", default=None, help="study directory (default "
-                    "runs/experiments/lpo-SCALE)")
-    ap.add_argument("--wandb", default="offline", choices=["offline", "online", "off"])
-    ap.add_argument("--model", default="o3-mini", help="the LLM's model name")
-    ap.add_argument("--base-url", default=None, help="an OpenAI-compatible endpoint; "
-                    "without one the LLM step is skipped (smoke: a scripted local server)")
-    ap.add_argument("--api-key-env", default="OPENAI_API_KEY")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    study = Study("lpo", args.scale, args.out or f"runs/experiments/lpo-{args.scale}",
-                  wandb=args.wandb)
-    scale = SCALES[args.scale]
-    learned = [dict(member="lpo", family="drift", distill=["same", scale["small_hidden"]],
-                    symbolic=True, propose="lpo")]
-    run_study(study, scale=scale, meta_env=META_ENV, general=GENERAL, learned=learned,
-              handcrafted=["ppo-clip", "dpo"], baseline="ppo-clip", findings=FINDINGS,
-              scripted=SCRIPTED, args=args)
-    return 0
+    return study_main("lpo", __doc__, SCALES, argv, learned=lambda scale: [dict(
+        member="lpo", family="drift", distill=["same", scale["small_hidden"]],
+        symbolic=True, propose="lpo")], handcrafted=["ppo-clip", "dpo"],
+        baseline="ppo-clip", findings=FINDINGS, scripted=SCRIPTED)
 
 
 if __name__ == "__main__":

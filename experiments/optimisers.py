@@ -17,21 +17,17 @@ Resuming, the LLM endpoint and the scales work as in ``experiments/lpo.py``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _study import Study, run_study  # noqa: E402
+from _study import GENERAL, META_ENV  # noqa: E402, F401
+from _study import main as study_main  # noqa: E402
 
 from metarl.families.optim.proposal import PROPOSALS_BY_MEMBER  # noqa: E402
 from metarl.families.optim.symbolic import SymbolicData  # noqa: E402
 from metarl.families.optim.synthetic import SyntheticOptions  # noqa: E402
-
-META_ENV = "Breakout-MinAtar"
-GENERAL = ["CartPole-v1", "Asterix-MinAtar", "Freeway-MinAtar", "SpaceInvaders-MinAtar",
-           "Ant-v4"]
 
 SCALES = {
     "smoke": {
@@ -94,23 +90,9 @@ LEARNED = [
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scale", choices=list(SCALES), default="smoke")
-    ap.add_argument("--out", default=None, help="study directory (default "
-                    "runs/experiments/optimisers-SCALE)")
-    ap.add_argument("--wandb", default="offline", choices=["offline", "online", "off"])
-    ap.add_argument("--model", default="o3-mini", help="the LLM's model name")
-    ap.add_argument("--base-url", default=None, help="an OpenAI-compatible endpoint; "
-                    "without one the LLM steps are skipped (smoke: a scripted local server)")
-    ap.add_argument("--api-key-env", default="OPENAI_API_KEY")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    study = Study("optimisers", args.scale,
-                  args.out or f"runs/experiments/optimisers-{args.scale}", wandb=args.wandb)
-    run_study(study, scale=SCALES[args.scale], meta_env=META_ENV, general=GENERAL,
-              learned=LEARNED, handcrafted=["adam", "sgd"], baseline="adam",
-              findings=FINDINGS, scripted=SCRIPTED, args=args)
-    return 0
+    return study_main("optimisers", __doc__, SCALES, argv, learned=LEARNED,
+                      handcrafted=["adam", "sgd"], baseline="adam", findings=FINDINGS,
+                      scripted=SCRIPTED)
 
 
 if __name__ == "__main__":
