@@ -21,6 +21,7 @@ def load(name):
 
 
 study_mod = load("_study")
+report_mod = load("_report")
 
 
 def run(mod, out, capsys, *extra):
@@ -107,18 +108,18 @@ def test_a_study_directory_is_not_taken_over(tmp_path):
 
 def test_sign_flip_p_value_exact_and_its_edge_cases():
     # 4 positive differences: only "all +" and "all -" reach |sum| = 10: p = 2/16.
-    assert study_mod.paired_sign_flip([1, 2, 3, 4]) == pytest.approx(2 / 16)
-    assert study_mod.paired_sign_flip([1e-13, 2e-13]) == pytest.approx(2 / 4)  # scale-free
+    assert report_mod.paired_sign_flip([1, 2, 3, 4]) == pytest.approx(2 / 16)
+    assert report_mod.paired_sign_flip([1e-13, 2e-13]) == pytest.approx(2 / 4)  # scale-free
     # 17 pairs (Monte Carlo) agrees with the exact answer for the same shape at 16 + 1.
     d = [1.0] * 10 + [-1.0] * 7
     exact = sum(abs(sum(-v if m >> i & 1 else v for i, v in enumerate(d))) >= 3
                 for m in range(1 << 17)) / (1 << 17)
-    assert abs(study_mod.paired_sign_flip(d) - exact) < 0.01
-    assert study_mod.paired_sign_flip([0, 0, 0]) == 1.0
-    assert study_mod.paired_sign_flip([1.0, -1.0]) == 1.0
-    assert math.isnan(study_mod.paired_sign_flip([]))
+    assert abs(report_mod.paired_sign_flip(d) - exact) < 0.01
+    assert report_mod.paired_sign_flip([0, 0, 0]) == 1.0
+    assert report_mod.paired_sign_flip([1.0, -1.0]) == 1.0
+    assert math.isnan(report_mod.paired_sign_flip([]))
     # Many pairs, all one way: the Monte Carlo p is tiny.
-    assert study_mod.paired_sign_flip([1.0] * 40) < 1e-3
+    assert report_mod.paired_sign_flip([1.0] * 40) < 1e-3
 
 
 def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_n():
@@ -128,16 +129,16 @@ def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_n():
     small = [rnd.gauss(1.0, 1.0) for _ in range(8)]
     large = [rnd.gauss(1.0, 1.0) for _ in range(400)]
     for x in (small, large):
-        lo, hi = study_mod.bootstrap_ci(x)
+        lo, hi = report_mod.bootstrap_ci(x)
         m = sum(x) / len(x)
         assert lo < m < hi
-    assert (study_mod.bootstrap_ci(large)[1] - study_mod.bootstrap_ci(large)[0]) < \
-        (study_mod.bootstrap_ci(small)[1] - study_mod.bootstrap_ci(small)[0]) / 3
-    assert all(math.isnan(v) for v in study_mod.bootstrap_ci([1.0]))
+    assert (report_mod.bootstrap_ci(large)[1] - report_mod.bootstrap_ci(large)[0]) < \
+        (report_mod.bootstrap_ci(small)[1] - report_mod.bootstrap_ci(small)[0]) / 3
+    assert all(math.isnan(v) for v in report_mod.bootstrap_ci([1.0]))
 
 
 def test_verdicts():
-    v = study_mod.verdict
+    v = report_mod.verdict
     big = {"n": 20, "p": 0.001, "diff": 0.3}
     assert v("small", big, "better") == "supported"
     assert v("small", big, "worse") == "contradicted"
@@ -165,7 +166,7 @@ def test_matrix_normalises_counts_failures_and_pairs_by_seed():
              "ppo-clip": _eval({"CartPole-v1": [cp.random_return, 475.0],
                                 "Ant-v4": [0.0, 20.0]}),
              "other": _eval({"CartPole-v1": [1.0, 2.0], "Ant-v4": [1.0, 2.0]}, (4, 5))}
-    mx = study_mod.Matrix(evals, ["CartPole-v1", "Ant-v4"], "ppo-clip")
+    mx = report_mod.Matrix(evals, ["CartPole-v1", "Ant-v4"], "ppo-clip")
     assert mx.norm("a", "CartPole-v1") == [pytest.approx(1.0), 0.0]  # failed seed -> 0
     assert mx.failed["a", "CartPole-v1"] == 1 and mx.failed["ppo-clip", "CartPole-v1"] == 0
     assert mx.referenced == ["CartPole-v1"]  # Ant is normalised by ppo-clip's own mean
@@ -175,11 +176,11 @@ def test_matrix_normalises_counts_failures_and_pairs_by_seed():
     assert c["n"] == 2 and c["diff"] == pytest.approx((1.0 - 0.0 + 0.0 - 1.0) / 2)
     with pytest.raises(ValueError, match="different seeds"):
         mx.compare("a", "other", ["CartPole-v1"])
-    assert "1 failed" in study_mod.table(mx, ["CartPole-v1"], ["Ant-v4"])
+    assert "1 failed" in report_mod.table(mx, ["CartPole-v1"], ["Ant-v4"])
 
 
 def test_matrix_leaves_an_environment_unnormalised_below_random():
     evals = {"ppo-clip": _eval({"Ant-v4": [-90.0, -80.0]})}  # random is about -57
-    mx = study_mod.Matrix(evals, ["Ant-v4"], "ppo-clip")
+    mx = report_mod.Matrix(evals, ["Ant-v4"], "ppo-clip")
     assert "not normalised" in mx.scale_source["Ant-v4"]
     assert all(math.isnan(v) for v in mx.norm("ppo-clip", "Ant-v4"))
