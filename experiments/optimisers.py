@@ -50,7 +50,8 @@ SCALES = {
         "symbolic": {"optim": dict(population=1000, generations=10)},
         "propose": dict(generations=10, seeds=4, inner={"total_timesteps": 65536}),
         "eval_seeds": 4,
-        "eval_steps": {"CartPole-v1": 131072, "Ant-v4": 512_000, "*MinAtar": 262144},
+        "eval_steps": {"CartPole-v1": 131072, "*MinAtar": 262144,
+                       "Ant-v4": {"num_envs": 256, "total_timesteps": 131072}},
     },
     "paper": {  # the paper's: 800 generations of 64, 1e7 MinAtar steps per agent
         "es": dict(popsize=64, generations=800, eval_every=8, eval_seeds=8, inner={}),

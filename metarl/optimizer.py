@@ -449,13 +449,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
             states.append(self.state[p])
         t = int(states[0]["step"])
 
+        # per-parameter state [*shape, width] <-> the stepper's feature-major [1, width, D]
         def gather(key, width=None):
             parts = [s[key].reshape(-1, width) if width else s[key].reshape(-1)
                      for s in states]
-            return torch.cat(parts).unsqueeze(0).to(flat.dtype)
+            flat_state = torch.cat(parts)
+            return (flat_state.T if width else flat_state).unsqueeze(0).to(flat.dtype)
 
         def scatter(key, value):
-            for s, chunk in zip(states, value[0].split([p.numel() for p in params])):
+            value = value[0].T if value.dim() == 3 else value[0]
+            for s, chunk in zip(states, value.split([p.numel() for p in params])):
                 s[key].copy_(chunk.reshape(s[key].shape))
 
         if self.learned:

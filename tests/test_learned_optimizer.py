@@ -217,7 +217,7 @@ def test_learned_step_is_the_familys_update_with_the_documented_inputs():
         got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])[None]
         torch.testing.assert_close(got, flat, rtol=1e-6, atol=1e-8)
     mom = torch.cat([opt.state[p]["momenta"].reshape(-1, 6) for p in model.parameters()])
-    torch.testing.assert_close(mom[None], state["momenta"])
+    torch.testing.assert_close(mom.T[None], state["momenta"])  # the stepper: [1, 6, D]
 
 
 def test_without_a_model_layer_proportion_is_the_tensor_index_and_dormancy_is_one():

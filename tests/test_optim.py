@@ -161,7 +161,7 @@ def test_population_step_matches_the_module_and_the_update_rule(name):
         ctx = StepContext(step, 4, 1, 4, 0, 2, acts)
         grads = torch.randn(P, D)
         before = params.clone()
-        mom = state["momenta"].clone()
+        mom = state["momenta"].transpose(1, 2).clone()  # the stepper's is [P, 6, D]
         update_momenta(mom, grads)
         stepper.step(params, grads, state, ctx)
         noise = rng.normal(rng.fold(keys, 0x0E9, step, 1, 0), (D,))

@@ -48,36 +48,94 @@ def update_momenta(momenta: torch.Tensor, grads: torch.Tensor) -> None:
     momenta.mul_(b).add_(grads.unsqueeze(-1) * (1.0 - b))
 
 
+def update_momenta_fm(momenta: torch.Tensor, grads: torch.Tensor) -> None:
+    """Feature-major :func:`update_momenta`: ``momenta [P, 6, D]``, in place, one
+    contiguous pass per decay (``1 - b`` rounded to the momenta's dtype first, as there)."""
+    b = torch.tensor(DECAYS, dtype=momenta.dtype)
+    for i, (bi, ci) in enumerate(zip(b.tolist(), (1.0 - b).tolist())):
+        momenta[:, i].mul_(bi).add_(grads * ci)
+
+
+def segment_bounds(layout: AgentLayout) -> list[tuple[int, int]]:
+    """``(start, end)`` of each tensor in the flat row (tensors are contiguous, in order)."""
+    bounds, o = [], 0
+    for n in layout.sizes:
+        bounds.append((o, o + n))
+        o += n
+    return bounds
+
+
 def rms_normalise(x: torch.Tensor, layout: AgentLayout) -> torch.Tensor:
     """``x [P, D, F]`` divided by its RMS over each tensor, per feature and member
     (in place when ``x`` is writable; returns it)."""
-    P, D, F = x.shape
-    sums = torch.zeros(P, len(layout.sizes), F, dtype=x.dtype, device=x.device)
-    sums.index_add_(1, layout.segment, x * x)
-    scale = torch.rsqrt(sums.div_(layout.counts.view(1, -1, 1)).add_(RMS_EPS))
-    return x.mul_(scale[:, layout.segment])
+    rms_normalise_fm(x.transpose(1, 2), layout)
+    return x
+
+
+def rms_normalise_fm(x: torch.Tensor, layout: AgentLayout,
+                     work: torch.Tensor | None = None) -> torch.Tensor:
+    """Feature-major :func:`rms_normalise`: ``x [P, F, D]``, each feature of each tensor
+    divided by ``sqrt(1e-5 + mean(x^2))`` over the tensor's entries, in place. The squares
+    are taken in one pass (into ``work``, a kept buffer of ``x``'s shape, when given), each
+    tensor's mean is a reduction over a contiguous range of them, and each tensor is scaled
+    in one more pass."""
+    sq = torch.mul(x, x) if work is None else torch.mul(x, x, out=work)
+    for a, b in segment_bounds(layout):
+        ms = sq[:, :, a:b].sum(-1, keepdim=True).div_(b - a)
+        x[:, :, a:b].mul_(ms.add_(RMS_EPS).rsqrt_())
+    return x
 
 
 def open_features(params: torch.Tensor, grads: torch.Tensor, momenta: torch.Tensor,
                   layout: AgentLayout, ctx: StepContext) -> torch.Tensor:
-    """OPEN's 19 inputs ``[P, D, 19]`` (see the module docstring for their order)."""
+    """OPEN's 19 inputs ``[P, D, 19]`` (see the module docstring for their order) from
+    ``momenta [P, D, 6]``: :func:`open_features_fm`, transposed."""
     P, D = params.shape
-    x = params.new_empty(P, D, NUM_OPEN_FEATURES)
-    x[..., 0] = params
-    torch.sign(momenta, out=x[..., 1:7])
-    torch.log(momenta.abs().add_(LOG_EPS), out=x[..., 7:13])
-    torch.sign(grads, out=x[..., 13])
-    torch.log(grads.abs().add_(LOG_EPS), out=x[..., 14])
-    rms_normalise(x[..., :15], layout)
-    x[..., 15] = ctx.training_proportion
-    x[..., 16] = layout.layer_proportion
-    x[..., 17] = ctx.batch_proportion
-    x[..., 18] = layout.dormancy(ctx.activations, P)
+    x = params.new_empty(P, NUM_OPEN_FEATURES, D)
+    open_features_fm(x, params, grads, momenta.transpose(1, 2), layout, ctx)
+    return x.transpose(1, 2)
+
+
+def open_features_fm(x: torch.Tensor, params: torch.Tensor, grads: torch.Tensor,
+                     momenta: torch.Tensor, layout: AgentLayout, ctx: StepContext,
+                     constants: bool = True, work: torch.Tensor | None = None) -> torch.Tensor:
+    """OPEN's 19 inputs written feature-major into ``x [P, 19, D]`` (every feature a
+    contiguous row per member) from ``momenta [P, 6, D]``; returns ``x``. With
+    ``constants=False`` the layer proportion (row 16), which depends only on the layout, is
+    taken as already written (a kept buffer); ``work [P, 15, D]`` is
+    :func:`rms_normalise_fm`'s."""
+    x[:, 0] = params
+    torch.sign(momenta, out=x[:, 1:7])
+    torch.abs(momenta, out=x[:, 7:13])
+    x[:, 7:13].add_(LOG_EPS).log_()
+    torch.sign(grads, out=x[:, 13])
+    torch.abs(grads, out=x[:, 14])
+    x[:, 14].add_(LOG_EPS).log_()
+    rms_normalise_fm(x[:, :15], layout, work)
+    x[:, 15].fill_(ctx.training_proportion)
+    if constants:
+        x[:, 16] = layout.layer_proportion
+    x[:, 17].fill_(ctx.batch_proportion)
+    x[:, 18] = layout.dormancy(ctx.activations, params.shape[0])
     return x
 
 
 def no_features(params: torch.Tensor, grads: torch.Tensor, momenta: torch.Tensor,
                 layout: AgentLayout) -> torch.Tensor:
-    """The No-Features optimiser's 8 inputs ``[P, D, 8]``: p, six momenta, g; normalised."""
-    x = torch.cat([params.unsqueeze(-1), momenta, grads.unsqueeze(-1)], dim=-1)
-    return rms_normalise(x, layout)
+    """The No-Features optimiser's 8 inputs ``[P, D, 8]``: p, six momenta, g; normalised
+    (:func:`no_features_fm`, transposed)."""
+    P, D = params.shape
+    x = params.new_empty(P, NUM_NO_FEATURES, D)
+    no_features_fm(x, params, grads, momenta.transpose(1, 2), layout)
+    return x.transpose(1, 2)
+
+
+def no_features_fm(x: torch.Tensor, params: torch.Tensor, grads: torch.Tensor,
+                   momenta: torch.Tensor, layout: AgentLayout,
+                   work: torch.Tensor | None = None) -> torch.Tensor:
+    """No-Features' 8 inputs written feature-major into ``x [P, 8, D]`` from
+    ``momenta [P, 6, D]``; returns ``x`` (``work [P, 8, D]``: :func:`rms_normalise_fm`'s)."""
+    x[:, 0] = params
+    x[:, 1:7] = momenta
+    x[:, 7] = grads
+    return rms_normalise_fm(x, layout, work)

@@ -41,8 +41,10 @@ from metarl.families.optim.features import (
     NUM_NO_FEATURES,
     NUM_OPEN_FEATURES,
     no_features,
+    no_features_fm,
     open_features,
-    update_momenta,
+    open_features_fm,
+    update_momenta_fm,
 )
 from metarl.nets import batched_linear
 
@@ -54,22 +56,31 @@ _S_NOISE = 0x0E9  # random stream of the stochastic term
 BLOCK_FLOATS = 1 << 18
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the last dim with per-member affine ``[P, H]``; ``x [P, D, H]``."""
-    normed = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
-    return torch.addcmul(bias.unsqueeze(1), normed, weight.unsqueeze(1))
+def layer_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the features of feature-major ``h [P, H, n]`` (dim 1; biased
+    variance, eps 1e-5, as ``torch.nn.LayerNorm``) with per-member affine ``[P, H]``, in
+    place on ``h``; returns the result. Every step is a pass along the contiguous ``n``."""
+    h.sub_(h.mean(1, keepdim=True))
+    var = (h * h).mean(1, keepdim=True)
+    h.mul_(var.add_(LN_EPS).rsqrt_())
+    return h.mul_(weight.unsqueeze(-1)).add_(bias.unsqueeze(-1))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``weight [P, out, in] @ x [P, in, n] + bias [P, out]``: feature-major ``[P, out, n]``."""
+    return torch.baddbmm(bias.unsqueeze(-1), weight, x)
 
 
 def gru_cell(x: torch.Tensor, h: torch.Tensor, p: dict, prefix: str = "gru.") -> torch.Tensor:
-    """``torch.nn.GRUCell`` for a population: ``x [P, D, in]``, ``h [P, D, H]``."""
-    gi = batched_linear(x, p[prefix + "weight_ih"], p[prefix + "bias_ih"])
-    gh = batched_linear(h, p[prefix + "weight_hh"], p[prefix + "bias_hh"])
-    i_r, i_z, i_n = gi.chunk(3, dim=-1)
-    h_r, h_z, h_n = gh.chunk(3, dim=-1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return (1.0 - z) * n + z * h
+    """``torch.nn.GRUCell`` for a population, feature-major: ``x [P, in, n]``,
+    ``h [P, H, n]`` -> the new hidden state ``[P, H, n]``."""
+    gi = linear(x, p[prefix + "weight_ih"], p[prefix + "bias_ih"])
+    gh = linear(h, p[prefix + "weight_hh"], p[prefix + "bias_hh"])
+    H = h.shape[1]
+    r = torch.sigmoid_(gi[:, :H].add_(gh[:, :H]))
+    z = torch.sigmoid_(gi[:, H:2 * H].add_(gh[:, H:2 * H]))
+    n = torch.tanh_(gi[:, 2 * H:].addcmul_(r, gh[:, 2 * H:]))
+    return torch.lerp(n, h, z)  # (1 - z) * n + z * h
 
 
 class FeatureOptimizer(OptimMember):
@@ -96,16 +107,29 @@ class FeatureOptimizer(OptimMember):
     stochastic = True
 
     def features(self, params, grads, momenta, layout, ctx) -> torch.Tensor:
-        """The member's inputs ``[P, D, num_inputs]`` (momenta already updated)."""
+        """The member's inputs ``[P, D, num_inputs]`` from ``momenta [P, D, 6]`` (already
+        updated): for reading; the stepper writes them feature-major (:meth:`features_into`)."""
         if self.feature_set == "raw":
             return no_features(params, grads, momenta, layout)
         return open_features(params, grads, momenta, layout, ctx)
 
+    def features_into(self, x, params, grads, momenta, layout, ctx,
+                      work=None) -> torch.Tensor:
+        """The member's inputs written feature-major into the kept buffer ``x [P, F, D]``
+        from ``momenta [P, 6, D]`` (``work``: a kept buffer for the normalisation's
+        squares); OPEN's layer-proportion row is written once, at
+        :meth:`LearnedUpdate.init`."""
+        if self.feature_set == "raw":
+            return no_features_fm(x, params, grads, momenta, layout, work)
+        return open_features_fm(x, params, grads, momenta, layout, ctx, constants=False,
+                                work=work)
+
     def step_update(self, p: dict, x: torch.Tensor, state: dict, actor_mask: torch.Tensor,
                     noise: torch.Tensor | None) -> torch.Tensor:
-        """The update ``u [P, D]`` before mean-centring, from the meta-parameters ``p``
-        (named views, :meth:`unflatten`), the features ``x [P, D, num_inputs]``, the
-        stepper's ``state``, ``actor_mask [D]`` and ``noise [P, D]`` (None unless
+        """The update ``u [P, n]`` before mean-centring, from the meta-parameters ``p``
+        (named views, :meth:`unflatten`), the features ``x [P, num_inputs, n]``
+        (feature-major), the stepper's ``state`` (its ``hidden [P, 8, n]``, when
+        recurrent), ``actor_mask [n]`` and ``noise [P, n]`` (None unless
         :attr:`stochastic`)."""
         raise NotImplementedError
 
@@ -144,19 +168,20 @@ class LearnedMember(FeatureOptimizer):
     # -- the network, for a population of optimisers --------------------------------------
 
     def head(self, p: dict, x: torch.Tensor) -> torch.Tensor:
-        """The MLP: ``x [P, D, width] -> [P, D, num_outputs]``."""
-        h = layer_norm(batched_linear(x, p["l1.weight"], p["l1.bias"]),
+        """The MLP, feature-major: ``x [P, width, n] -> [P, num_outputs, n]``."""
+        h = layer_norm(linear(x, p["l1.weight"], p["l1.bias"]),
                        p["ln1.weight"], p["ln1.bias"]).relu_()
-        h = layer_norm(batched_linear(h, p["l2.weight"], p["l2.bias"]),
+        h = layer_norm(linear(h, p["l2.weight"], p["l2.bias"]),
                        p["ln2.weight"], p["ln2.bias"]).relu_()
-        return batched_linear(h, p["l3.weight"], p["l3.bias"])
+        return linear(h, p["l3.weight"], p["l3.bias"])
 
     def inputs(self, params, grads, momenta, layout, ctx) -> torch.Tensor:
-        """The network's inputs: :meth:`FeatureOptimizer.features`."""
+        """The network's inputs ``[P, D, num_inputs]`` (:meth:`FeatureOptimizer.features`)."""
         return self.features(params, grads, momenta, layout, ctx)
 
     def outputs(self, p: dict, x: torch.Tensor, state: dict) -> torch.Tensor:
-        """Network outputs ``[P, D, num_outputs]``; a recurrent member updates its state."""
+        """Network outputs ``[P, num_outputs, n]`` from ``x [P, width, n]``; a recurrent
+        member updates its ``state["hidden"] [P, 8, n]``."""
         if self.recurrent:
             state["hidden"] = gru_cell(x, state["hidden"], p)
             x = state["hidden"]
@@ -180,15 +205,18 @@ class LearnedMember(FeatureOptimizer):
 
     def update(self, out: torch.Tensor, actor_mask: torch.Tensor,
                noise: torch.Tensor | None) -> torch.Tensor:
-        """The update ``u [P, D]`` from outputs ``[P, D, k]`` (before mean-centring)."""
-        u = out[..., 0] * STEP_MULT * torch.exp(out[..., 1] * EXP_MULT)
+        """The update ``u [...]`` from outputs ``[..., k]`` (before mean-centring)."""
+        return self._rule(out.unbind(-1), actor_mask, noise)
+
+    def _rule(self, o, actor_mask, noise):
+        u = o[0] * STEP_MULT * torch.exp(o[1] * EXP_MULT)
         if self.num_outputs > 2 and noise is not None:
-            u = u + out[..., 2] * STEP_MULT * noise * actor_mask
+            u = u + o[2] * STEP_MULT * noise * actor_mask
         return u
 
     def step_update(self, p, x, state, actor_mask, noise):
         """The network's outputs (:meth:`outputs`) through the update rule (:meth:`update`)."""
-        return self.update(self.outputs(p, x, state), actor_mask, noise)
+        return self._rule(self.outputs(p, x, state).unbind(1), actor_mask, noise)
 
     def reset_parameters(self, seed: int = 0) -> LearnedMember:
         """PyTorch's default initialisation of every layer, drawn from a generator seeded
@@ -240,7 +268,14 @@ class NoFeatures(LearnedMember):
 
 class LearnedUpdate(PopulationOptimizer):
     """A population of feature optimisers (:class:`FeatureOptimizer`: a learned network,
-    one per row of ``meta_params [P, n]``, or a formula, ``n = 0``)."""
+    one per row of ``meta_params [P, n]``, or a formula, ``n = 0``).
+
+    Everything per parameter is kept feature-major, ``[P, F, D]``: the state's
+    ``momenta [P, 6, D]`` (and OPEN's ``hidden [P, 8, D]``) and a features buffer
+    ``[P, F, D]`` written in place at every step, so that each feature of each member is a
+    contiguous row, each tensor's RMS is a reduction over a contiguous range, and the
+    network's layers are batched matrix products ``[out, in] @ [in, n]`` whose LayerNorm
+    reduces across rows."""
 
     def __init__(self, member: FeatureOptimizer, meta_params: torch.Tensor, layout, keys):
         self.member, self.layout, self.keys = member, layout, keys
@@ -249,15 +284,23 @@ class LearnedUpdate(PopulationOptimizer):
 
     def init(self, params):
         P, D = params.shape
-        state = {"momenta": params.new_zeros(P, D, len(DECAYS))}
+        state = {"momenta": params.new_zeros(P, len(DECAYS), D)}
         if self.member.recurrent:
-            state["hidden"] = params.new_zeros(P, D, self.member.gru_hidden)
+            state["hidden"] = params.new_zeros(P, self.member.gru_hidden, D)
+        self._x = params.new_zeros(P, self.member.num_inputs, D)
+        if self.member.feature_set == "open":
+            self._x[:, 16] = self.layout.layer_proportion
+        self._work = params.new_empty(P, min(15, self.member.num_inputs), D)
+        self._u = params.new_empty(P, D)
         return state
 
     @torch.no_grad()
     def step(self, params, grads, state, ctx: StepContext):
-        update_momenta(state["momenta"], grads)
-        x = self.member.features(params, grads, state["momenta"], self.layout, ctx)
+        if getattr(self, "_x", None) is None or self._x.shape[0] != params.shape[0]:
+            self.init(params)  # a state from elsewhere: the buffers only
+        update_momenta_fm(state["momenta"], grads)
+        x = self.member.features_into(self._x, params, grads, state["momenta"],
+                                      self.layout, ctx, self._work)
         noise = None
         if self.member.stochastic:
             k = rng.fold(self.keys, _S_NOISE, ctx.update, ctx.epoch, ctx.minibatch)
@@ -273,21 +316,18 @@ class LearnedUpdate(PopulationOptimizer):
     def _network_update(self, x, state, noise) -> torch.Tensor:
         """A network member's update ``[P, D]``, a block of parameters at a time: the
         network sees each parameter on its own, so the blocks give the same numbers as one
-        pass, and a block's activations (``[P, block, width]``) stay in cache instead of
+        pass, and a block's activations (``[P, width, block]``) stay in cache instead of
         being fresh tensors of tens of megabytes, which cost a page fault per 4 KB."""
         member, mask = self.member, self.layout.actor_mask
-        P, D = x.shape[0], x.shape[1]
+        P, D = x.shape[0], x.shape[2]
         width = max(member.hidden, 3 * member.gru_hidden, member.num_inputs)
         block = max(256, BLOCK_FLOATS // (P * width))
-        if block >= D:
-            return member.step_update(self.p, x, state, mask, noise)
-        u = x.new_empty(P, D)
+        u = self._u
         for a in range(0, D, block):
             s = slice(a, min(a + block, D))
-            part = {"hidden": state["hidden"][:, s]} if member.recurrent else {}
-            u[:, s] = member.step_update(self.p, x[:, s], part, mask[s],
+            part = {"hidden": state["hidden"][:, :, s]} if member.recurrent else {}
+            u[:, s] = member.step_update(self.p, x[:, :, s], part, mask[s],
                                          None if noise is None else noise[:, s])
             if member.recurrent:
-                state["hidden"][:, s] = part["hidden"]
+                state["hidden"][:, :, s] = part["hidden"]
         return u
-

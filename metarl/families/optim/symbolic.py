@@ -124,9 +124,10 @@ class SymbolicOptimizer(FeatureOptimizer):
         return self.fn(*cols)
 
     def step_update(self, p, x, state, actor_mask, noise):
-        """``1e-3 * f(x, noise * actor_mask)`` (the noise acts on actor parameters only)."""
+        """``1e-3 * f(x, noise * actor_mask)`` (the noise acts on actor parameters only);
+        ``x [P, F, n]`` is feature-major, so each of the formula's inputs is a row."""
         return STEP_MULT * self.formula_value(
-            x, noise * actor_mask if self.stochastic else None)
+            x.transpose(1, 2), noise * actor_mask if self.stochastic else None)
 
     def synthetic_update(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The update ``u [n]`` on synthetic features ``x [n, F]`` with noise ``eps [n]``
