@@ -54,28 +54,81 @@ def fold(keys: torch.Tensor, *data: int) -> torch.Tensor:
     return keys
 
 
-def bits(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """32 random bits for every element of ``[P, *shape]``."""
+#: elements per key row hashed at a time, times rows: about 256 KB of int64 per pass
+_CHUNK = 1 << 15
+
+
+def _fmix32_(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """:func:`_fmix32` in place on ``h`` (``t``: a scratch tensor of its shape)."""
+    h.bitwise_and_(_MASK32)
+    for shift, mult in ((16, _M1), (13, _M2), (16, None)):
+        torch.bitwise_right_shift(h, shift, out=t)
+        h.bitwise_xor_(t)
+        if mult is not None:
+            h.mul_(mult).bitwise_and_(_MASK32)
+    return h
+
+
+def _chunks(keys: torch.Tensor, shape: tuple[int, ...]):
+    """``(k [K, 1], n, chunks)``: the keys as rows, the number of elements per key, and
+    ``(start, end)`` ranges of them of about :data:`_CHUNK` elements in all, so that every
+    pass over a chunk's ``[K, end - start]`` words stays in cache."""
     n = 1
     for s in shape:
         n *= s
-    idx = torch.arange(n, dtype=torch.int64, device=keys.device).reshape(shape)
-    k = keys.reshape(keys.shape + (1,) * len(shape))
-    return _fmix32(_fmix32(idx * _GOLDEN + k) ^ k)
+    k = keys.reshape(-1, 1)
+    step = max(1024, _CHUNK // max(1, k.shape[0]))
+    return k, n, [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _bits_range(k: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """The words of elements ``a..b-1`` for key rows ``k [K, 1]``: ``[K, b - a]`` int64."""
+    h = torch.arange(a, b, dtype=torch.int64, device=k.device).mul_(_GOLDEN).add(k)
+    t = torch.empty_like(h)
+    return _fmix32_(_fmix32_(h, t).bitwise_xor_(k), t)
+
+
+def bits(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """32 random bits for every element of ``[*keys.shape, *shape]``: the MurmurHash3
+    finaliser of ``fmix(index * golden + key) ^ key``, element ``index`` of the flattened
+    ``shape`` (computed a cache-sized chunk at a time, in place)."""
+    k, n, chunks = _chunks(keys, tuple(shape))
+    if len(chunks) == 1:
+        out = _bits_range(k, 0, n) if n else k.new_empty(k.shape[0], 0)
+    else:
+        out = k.new_empty(k.shape[0], n)
+        for a, b in chunks:
+            out[:, a:b] = _bits_range(k, a, b)
+    return out.reshape(tuple(keys.shape) + tuple(shape))
+
+
+def _uniform_range(k, a, b, dtype) -> torch.Tensor:
+    u = _bits_range(k, a, b).bitwise_right_shift_(8).to(dtype)
+    return u.add_(0.5).mul_(1.0 / 16777216.0)
 
 
 def uniform(keys: torch.Tensor, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
-    """Uniform numbers in the open interval (0, 1), shape ``[*keys.shape, *shape]``."""
-    b = bits(keys, tuple(shape)) >> 8
-    return ((b.to(dtype) + 0.5) * (1.0 / 16777216.0)).to(dtype)
+    """Uniform numbers in the open interval (0, 1), shape ``[*keys.shape, *shape]``: the
+    top 24 bits of :func:`bits`, ``(b + 0.5) / 2^24``."""
+    k, n, chunks = _chunks(keys, tuple(shape))
+    out = torch.empty(k.shape[0], n, dtype=dtype, device=keys.device)
+    for a, b in chunks:
+        out[:, a:b] = _uniform_range(k, a, b, dtype)
+    return out.reshape(tuple(keys.shape) + tuple(shape))
 
 
 def normal(keys: torch.Tensor, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
-    """Standard normal numbers (Box-Muller), shape ``[*keys.shape, *shape]``."""
-    u1 = uniform(fold(keys, 1), shape, torch.float64)
-    u2 = uniform(fold(keys, 2), shape, torch.float64)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
-    return z.to(dtype)
+    """Standard normal numbers, shape ``[*keys.shape, *shape]``: Box-Muller in float64,
+    ``sqrt(-2 log u1) * cos(2 pi u2)`` with ``u1``, ``u2`` :func:`uniform` under
+    ``fold(keys, 1)`` and ``fold(keys, 2)`` (a cache-sized chunk at a time)."""
+    k1, n, chunks = _chunks(fold(keys, 1), tuple(shape))
+    k2 = fold(keys, 2).reshape(-1, 1)
+    out = torch.empty(k1.shape[0], n, dtype=dtype, device=keys.device)
+    for a, b in chunks:
+        r = _uniform_range(k1, a, b, torch.float64).log_().mul_(-2.0).sqrt_()
+        c = _uniform_range(k2, a, b, torch.float64).mul_(2.0 * torch.pi).cos_()
+        out[:, a:b] = r.mul_(c)
+    return out.reshape(tuple(keys.shape) + tuple(shape))
 
 
 def permutation(keys: torch.Tensor, n: int) -> torch.Tensor:
