@@ -21,6 +21,11 @@ parameter's tensor: ``x / sqrt(1e-5 + mean_tensor(x^2))``, per feature and per t
 
 The No-Features optimiser's 8 inputs are ``p``, the six raw momenta and the raw ``g``, each
 RMS-normalised the same way.
+
+Two layouts: ``*_fm`` functions work feature-major (``momenta [P, 6, D]``, features written
+into a buffer ``[P, F, D]``), which is how the population stepper keeps them; the others
+take and return the feature-last ``[P, D, 6]`` / ``[P, D, F]`` for reading and for the
+synthetic data of distillation, and are the same code, transposed.
 """
 
 from __future__ import annotations
@@ -44,8 +49,7 @@ NO_FEATURE_NAMES = ["p"] + [f"m{b:g}" for b in DECAYS] + ["g"]
 
 def update_momenta(momenta: torch.Tensor, grads: torch.Tensor) -> None:
     """``momenta [P, D, 6]`` <- ``b * m + (1 - b) * g`` for each decay, in place."""
-    b = torch.tensor(DECAYS, dtype=momenta.dtype, device=momenta.device)
-    momenta.mul_(b).add_(grads.unsqueeze(-1) * (1.0 - b))
+    update_momenta_fm(momenta.transpose(1, 2), grads)
 
 
 def update_momenta_fm(momenta: torch.Tensor, grads: torch.Tensor) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from metarl import rng
 from metarl.families.optim.base import OptimMember, PopulationOptimizer, StepContext
@@ -46,7 +45,6 @@ from metarl.families.optim.features import (
     open_features_fm,
     update_momenta_fm,
 )
-from metarl.nets import batched_linear
 
 STEP_MULT = 1e-3
 EXP_MULT = 1e-3
@@ -56,31 +54,68 @@ _S_NOISE = 0x0E9  # random stream of the stochastic term
 BLOCK_FLOATS = 1 << 18
 
 
-def layer_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the features of feature-major ``h [P, H, n]`` (dim 1; biased
-    variance, eps 1e-5, as ``torch.nn.LayerNorm``) with per-member affine ``[P, H]``, in
-    place on ``h``; returns the result. Every step is a pass along the contiguous ``n``."""
-    h.sub_(h.mean(1, keepdim=True))
-    var = (h * h).mean(1, keepdim=True)
-    h.mul_(var.add_(LN_EPS).rsqrt_())
-    return h.mul_(weight.unsqueeze(-1)).add_(bias.unsqueeze(-1))
+def centred(p: dict) -> dict:
+    """The meta-parameters as the stepper uses them: ``l1`` and ``l2`` centred over their
+    outputs (``W - mean_rows(W)``, ``b - mean(b)``, biases shaped ``[P, H, 1]``). Each is
+    followed by a LayerNorm, whose first step subtracts the mean over the outputs; the
+    centred layer's outputs have that mean removed already, so :func:`ln_relu` skips the
+    pass (the same function; the floats differ from subtracting afterwards in the last
+    bits, and are more accurate where the outputs share a large offset)."""
+    q = dict(p)
+    for name in ("l1", "l2"):
+        w, b = p[name + ".weight"], p[name + ".bias"]
+        q[name + ".weight"] = (w - w.mean(1, keepdim=True)).contiguous()
+        q[name + ".bias"] = (b - b.mean(1, keepdim=True)).unsqueeze(-1)
+    return q
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``weight [P, out, in] @ x [P, in, n] + bias [P, out]``: feature-major ``[P, out, n]``."""
-    return torch.baddbmm(bias.unsqueeze(-1), weight, x)
+def scratch(ws: dict | None, name: str, shape, like: torch.Tensor) -> torch.Tensor | None:
+    """A kept buffer of ``shape`` from the workspace ``ws`` (made on first use); None
+    without a workspace (the caller's operation then allocates its result)."""
+    if ws is None:
+        return None
+    key = (name, tuple(shape))
+    t = ws.get(key)
+    if t is None:
+        t = ws[key] = like.new_empty(shape)
+    return t
 
 
-def gru_cell(x: torch.Tensor, h: torch.Tensor, p: dict, prefix: str = "gru.") -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight [P, o, i] @ x [P, i, n] + bias``: feature-major ``[P, o, n]``; ``bias``
+    ``[P, o]`` or ``[P, o, 1]`` (a product then a broadcast add: ``baddbmm``'s copy of an
+    expanded bias measured as slow as the product itself)."""
+    h = torch.bmm(weight, x, out=out)
+    return h.add_(bias if bias.dim() == 3 else bias.unsqueeze(-1))
+
+
+def ln_relu(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+            sq: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(LayerNorm(h))`` over the features of feature-major ``h [P, H, n]`` (dim 1;
+    biased variance, eps 1e-5, as ``torch.nn.LayerNorm``) with per-member affine ``[P, H]``,
+    in place; ``h`` must already have zero mean over dim 1 (a :func:`centred` layer's
+    output). Every pass runs along the contiguous ``n``; ``sq`` is a kept buffer of
+    ``h``'s shape for the squares."""
+    var = torch.mul(h, h, out=sq).mean(1, keepdim=True)
+    h.mul_(weight.unsqueeze(-1))
+    torch.addcmul(bias.unsqueeze(-1), h, var.add_(LN_EPS).rsqrt_(), out=h)
+    return h.relu_()
+
+
+def gru_cell(x: torch.Tensor, h: torch.Tensor, p: dict, prefix: str = "gru.",
+             ws: dict | None = None) -> torch.Tensor:
     """``torch.nn.GRUCell`` for a population, feature-major: ``x [P, in, n]``,
-    ``h [P, H, n]`` -> the new hidden state ``[P, H, n]``."""
-    gi = linear(x, p[prefix + "weight_ih"], p[prefix + "bias_ih"])
-    gh = linear(h, p[prefix + "weight_hh"], p[prefix + "bias_hh"])
-    H = h.shape[1]
+    ``h [P, H, n]``; the new hidden state is written into ``h`` and returned."""
+    P, H, n = h.shape
+    gi = linear(x, p[prefix + "weight_ih"], p[prefix + "bias_ih"],
+                scratch(ws, "gi", (P, 3 * H, n), x))
+    gh = linear(h, p[prefix + "weight_hh"], p[prefix + "bias_hh"],
+                scratch(ws, "gh", (P, 3 * H, n), x))
     r = torch.sigmoid_(gi[:, :H].add_(gh[:, :H]))
     z = torch.sigmoid_(gi[:, H:2 * H].add_(gh[:, H:2 * H]))
-    n = torch.tanh_(gi[:, 2 * H:].addcmul_(r, gh[:, 2 * H:]))
-    return torch.lerp(n, h, z)  # (1 - z) * n + z * h
+    c = torch.tanh_(gi[:, 2 * H:].addcmul_(r, gh[:, 2 * H:]))
+    return torch.lerp(c, h, z, out=h)  # (1 - z) * c + z * h
 
 
 class FeatureOptimizer(OptimMember):
@@ -167,25 +202,29 @@ class LearnedMember(FeatureOptimizer):
 
     # -- the network, for a population of optimisers --------------------------------------
 
-    def head(self, p: dict, x: torch.Tensor) -> torch.Tensor:
-        """The MLP, feature-major: ``x [P, width, n] -> [P, num_outputs, n]``."""
-        h = layer_norm(linear(x, p["l1.weight"], p["l1.bias"]),
-                       p["ln1.weight"], p["ln1.bias"]).relu_()
-        h = layer_norm(linear(h, p["l2.weight"], p["l2.bias"]),
-                       p["ln2.weight"], p["ln2.bias"]).relu_()
-        return linear(h, p["l3.weight"], p["l3.bias"])
+    def head(self, q: dict, x: torch.Tensor, ws: dict | None = None) -> torch.Tensor:
+        """The MLP, feature-major: ``x [P, width, n] -> [P, num_outputs, n]``, with the
+        meta-parameters of :func:`centred` and an optional workspace of kept buffers."""
+        P, n, H = x.shape[0], x.shape[-1], self.hidden
+        sq = scratch(ws, "sq", (P, H, n), x)
+        h = ln_relu(linear(x, q["l1.weight"], q["l1.bias"], scratch(ws, "h1", (P, H, n), x)),
+                    q["ln1.weight"], q["ln1.bias"], sq)
+        h = ln_relu(linear(h, q["l2.weight"], q["l2.bias"], scratch(ws, "h2", (P, H, n), x)),
+                    q["ln2.weight"], q["ln2.bias"], sq)
+        return linear(h, q["l3.weight"], q["l3.bias"])
 
     def inputs(self, params, grads, momenta, layout, ctx) -> torch.Tensor:
         """The network's inputs ``[P, D, num_inputs]`` (:meth:`FeatureOptimizer.features`)."""
         return self.features(params, grads, momenta, layout, ctx)
 
-    def outputs(self, p: dict, x: torch.Tensor, state: dict) -> torch.Tensor:
-        """Network outputs ``[P, num_outputs, n]`` from ``x [P, width, n]``; a recurrent
-        member updates its ``state["hidden"] [P, 8, n]``."""
+    def outputs(self, q: dict, x: torch.Tensor, state: dict,
+                ws: dict | None = None) -> torch.Tensor:
+        """Network outputs ``[P, num_outputs, n]`` from ``x [P, width, n]`` (``q``: the
+        :func:`centred` meta-parameters); a recurrent member updates its
+        ``state["hidden"] [P, 8, n]`` in place."""
         if self.recurrent:
-            state["hidden"] = gru_cell(x, state["hidden"], p)
-            x = state["hidden"]
-        return self.head(p, x)
+            x = gru_cell(x, state["hidden"], q, ws=ws)
+        return self.head(q, x, ws)
 
     def forward(self, x: torch.Tensor, hidden: torch.Tensor | None = None):
         """One optimiser (this module's own weights) on inputs ``[..., num_inputs]``:
@@ -214,9 +253,10 @@ class LearnedMember(FeatureOptimizer):
             u = u + o[2] * STEP_MULT * noise * actor_mask
         return u
 
-    def step_update(self, p, x, state, actor_mask, noise):
-        """The network's outputs (:meth:`outputs`) through the update rule (:meth:`update`)."""
-        return self._rule(self.outputs(p, x, state).unbind(1), actor_mask, noise)
+    def step_update(self, p, x, state, actor_mask, noise, ws=None):
+        """The network's outputs (:meth:`outputs`; ``p`` here is :func:`centred`) through
+        the update rule (:meth:`update`)."""
+        return self._rule(self.outputs(p, x, state, ws).unbind(1), actor_mask, noise)
 
     def reset_parameters(self, seed: int = 0) -> LearnedMember:
         """PyTorch's default initialisation of every layer, drawn from a generator seeded
@@ -280,7 +320,10 @@ class LearnedUpdate(PopulationOptimizer):
     def __init__(self, member: FeatureOptimizer, meta_params: torch.Tensor, layout, keys):
         self.member, self.layout, self.keys = member, layout, keys
         self.p = member.unflatten(meta_params)
+        if isinstance(member, LearnedMember):
+            self.p = centred(self.p)
         self.needs_activations = member.reads_activations
+        self._ws: dict = {}  # the network's kept buffers, per block shape
 
     def init(self, params):
         P, D = params.shape
@@ -327,7 +370,5 @@ class LearnedUpdate(PopulationOptimizer):
             s = slice(a, min(a + block, D))
             part = {"hidden": state["hidden"][:, :, s]} if member.recurrent else {}
             u[:, s] = member.step_update(self.p, x[:, :, s], part, mask[s],
-                                         None if noise is None else noise[:, s])
-            if member.recurrent:
-                state["hidden"][:, :, s] = part["hidden"]
+                                         None if noise is None else noise[:, s], self._ws)
         return u
