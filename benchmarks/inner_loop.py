@@ -16,7 +16,8 @@ compared with every P.
 With ``--optimisers``, each optimiser-family member (adam, sgd, and the learned open-ff,
 open, no-features at their seeded initialisation) fills the optimiser slot at the largest
 P, and its throughput is printed next to the drift loop's (ppo-clip with Adam) at the
-same P, as a ratio.
+same P, as a ratio (eager against eager; with ``--compile`` the members run compiled, after
+a compiling warm-up, against the eager drift loop).
 
 Ends with one JSON line of the headline figures.
 """
@@ -111,9 +112,12 @@ def main():
         optim = get_family("optim")
         p = max(int(s) for s in args.sizes.split(","))
         drift_rate = headline[f"P{p}_steps_per_s"]
+        ocfg = cfg.replace(compile=args.compile)
         for name in optim.members:
             meta = optim.initial_params(name, 0) if optim.is_learned(name) else None
-            r, res = rate(cfg, list(range(p)), name, meta)
+            if args.compile:  # compile outside the timed run
+                rate(ocfg.replace(total_timesteps=cfg.batch_size), list(range(p)), name, meta)
+            r, res = rate(ocfg, list(range(p)), name, meta)
             t = res.timings
             print(f"P={p:>3} optimiser slot {name:>12}: {r:>10,.0f} agent-steps/s   "
                   f"{r / drift_rate:5.2f}x the drift loop (ppo-clip + Adam)   "

@@ -1,6 +1,6 @@
 """Compiled pieces of the inner loop (``PPOConfig.compile``), and the loop's step functions.
 
-With ``compile=True`` the loop runs two functions through ``torch.compile`` (inductor):
+With ``compile=True`` the loop runs these through ``torch.compile`` (inductor):
 
 * the **environment's step** (torch-native CartPole and Pendulum): the dynamics, the
   next-step auto-reset with its counter-based reset draw, the episode accounting and the
@@ -9,7 +9,10 @@ With ``compile=True`` the loop runs two functions through ``torch.compile`` (ind
   outputs, with its backward compiled by AOTAutograd (:func:`loss_head`). The towers
   themselves run eagerly with a hand-written backward (:mod:`metarl.inner.towers`);
   gradient clipping and the optimiser step stay eager, since the optimisers read the step
-  counters as Python numbers.
+  counters as Python numbers;
+* for a **learned optimiser** in the optimiser slot, its noise draw and its network on a
+  block of parameters (:class:`metarl.families.optim.learned.LearnedUpdate`, through
+  :func:`cached_function`); its features stay eager.
 
 The policy's step and the towers were measured compiled too, and were slower: their time
 is batched matmuls, which inductor leaves as library calls, and the graph adds guards and
@@ -44,7 +47,7 @@ from metarl.nets import population_forward, population_tower
 MAX_ENTRIES = 32
 _CACHE: OrderedDict[Hashable, Callable] = OrderedDict()
 #: how many functions were built (compiled) since the process started, by kind
-BUILT: dict[str, int] = {"env": 0, "loss": 0}
+BUILT: dict[str, int] = {"env": 0, "loss": 0, "optim": 0}
 
 
 def clear() -> None:
@@ -64,6 +67,12 @@ def _cached(kind: str, key: tuple, build: Callable[[], Callable]) -> Callable:
     else:
         _CACHE.move_to_end(key)
     return fn
+
+
+def cached_function(kind: str, key: tuple, build: Callable[[], Callable]) -> Callable:
+    """``torch.compile(build())``, built once per ``(kind, *key)`` and kept in this
+    module's cache (for pieces compiled elsewhere: the learned optimisers' step)."""
+    return _cached(kind, key, build)
 
 
 def _structure(model, config, device) -> tuple:
@@ -196,4 +205,4 @@ def loss_head(config, drift, discrete: bool, device, compile: bool = True) -> Ca
 
 
 __all__ = ["policy_step", "rollout_step", "minibatch_loss", "loss_head",
-           "clear", "MAX_ENTRIES", "BUILT"]
+           "clear", "MAX_ENTRIES", "BUILT", "cached_function"]

@@ -52,12 +52,29 @@ def update_momenta(momenta: torch.Tensor, grads: torch.Tensor) -> None:
     update_momenta_fm(momenta.transpose(1, 2), grads)
 
 
+def _decays(dtype) -> list[tuple[float, float]]:
+    """``(b, 1 - b)`` per decay, each rounded to ``dtype`` (``1 - b`` computed in it)."""
+    b = torch.tensor(DECAYS, dtype=dtype)
+    return list(zip(b.tolist(), (1.0 - b).tolist()))
+
+
+_DECAYS_F32 = _decays(torch.float32)
+
+
 def update_momenta_fm(momenta: torch.Tensor, grads: torch.Tensor) -> None:
     """Feature-major :func:`update_momenta`: ``momenta [P, 6, D]``, in place, one
-    contiguous pass per decay (``1 - b`` rounded to the momenta's dtype first, as there)."""
-    b = torch.tensor(DECAYS, dtype=momenta.dtype)
-    for i, (bi, ci) in enumerate(zip(b.tolist(), (1.0 - b).tolist())):
+    contiguous pass per decay (``b`` and ``1 - b`` rounded to the momenta's dtype)."""
+    decays = _DECAYS_F32 if momenta.dtype == torch.float32 else _decays(momenta.dtype)
+    for i, (bi, ci) in enumerate(decays):
         momenta[:, i].mul_(bi).add_(grads * ci)
+
+
+def write(out: torch.Tensor, fn, *args) -> torch.Tensor:
+    """``fn(*args)`` written into ``out``: by ``out=`` eagerly (no temporary), by a copy
+    when compiled (which cannot trace ``out=`` into a strided view; the copy fuses)."""
+    if torch.compiler.is_compiling():
+        return out.copy_(fn(*args))
+    return fn(*args, out=out)
 
 
 def segment_bounds(layout: AgentLayout) -> list[tuple[int, int]]:
@@ -96,31 +113,34 @@ def open_features(params: torch.Tensor, grads: torch.Tensor, momenta: torch.Tens
     ``momenta [P, D, 6]``: :func:`open_features_fm`, transposed."""
     P, D = params.shape
     x = params.new_empty(P, NUM_OPEN_FEATURES, D)
-    open_features_fm(x, params, grads, momenta.transpose(1, 2), layout, ctx)
+    open_features_fm(x, params, grads, momenta.transpose(1, 2), layout,
+                     ctx.training_proportion, ctx.batch_proportion, ctx.activations)
     return x.transpose(1, 2)
 
 
 def open_features_fm(x: torch.Tensor, params: torch.Tensor, grads: torch.Tensor,
-                     momenta: torch.Tensor, layout: AgentLayout, ctx: StepContext,
-                     constants: bool = True, work: torch.Tensor | None = None) -> torch.Tensor:
+                     momenta: torch.Tensor, layout: AgentLayout, training, batch,
+                     activations: dict | None, constants: bool = True,
+                     work: torch.Tensor | None = None) -> torch.Tensor:
     """OPEN's 19 inputs written feature-major into ``x [P, 19, D]`` (every feature a
-    contiguous row per member) from ``momenta [P, 6, D]``; returns ``x``. With
-    ``constants=False`` the layer proportion (row 16), which depends only on the layout, is
-    taken as already written (a kept buffer); ``work [P, 15, D]`` is
-    :func:`rms_normalise_fm`'s."""
+    contiguous row per member) from ``momenta [P, 6, D]``, the training and batch
+    proportions (numbers or 0-d tensors) and the activations of the step (its
+    :class:`StepContext`'s); returns ``x``. With ``constants=False`` the layer proportion
+    (row 16), which depends only on the layout, is taken as already written (a kept
+    buffer); ``work [P, 15, D]`` is :func:`rms_normalise_fm`'s."""
     x[:, 0] = params
-    torch.sign(momenta, out=x[:, 1:7])
-    torch.abs(momenta, out=x[:, 7:13])
+    write(x[:, 1:7], torch.sign, momenta)
+    write(x[:, 7:13], torch.abs, momenta)
     x[:, 7:13].add_(LOG_EPS).log_()
-    torch.sign(grads, out=x[:, 13])
-    torch.abs(grads, out=x[:, 14])
+    write(x[:, 13], torch.sign, grads)
+    write(x[:, 14], torch.abs, grads)
     x[:, 14].add_(LOG_EPS).log_()
     rms_normalise_fm(x[:, :15], layout, work)
-    x[:, 15].fill_(ctx.training_proportion)
+    x[:, 15].fill_(training)
     if constants:
         x[:, 16] = layout.layer_proportion
-    x[:, 17].fill_(ctx.batch_proportion)
-    x[:, 18] = layout.dormancy(ctx.activations, params.shape[0])
+    x[:, 17].fill_(batch)
+    x[:, 18] = layout.dormancy(activations, params.shape[0])
     return x
 
 

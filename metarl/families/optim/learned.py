@@ -44,6 +44,7 @@ from metarl.families.optim.features import (
     open_features,
     open_features_fm,
     update_momenta_fm,
+    write,
 )
 
 STEP_MULT = 1e-3
@@ -115,7 +116,7 @@ def gru_cell(x: torch.Tensor, h: torch.Tensor, p: dict, prefix: str = "gru.",
     r = torch.sigmoid_(gi[:, :H].add_(gh[:, :H]))
     z = torch.sigmoid_(gi[:, H:2 * H].add_(gh[:, H:2 * H]))
     c = torch.tanh_(gi[:, 2 * H:].addcmul_(r, gh[:, 2 * H:]))
-    return torch.lerp(c, h, z, out=h)  # (1 - z) * c + z * h
+    return write(h, torch.lerp, c, h, z)  # (1 - z) * c + z * h, into h
 
 
 class FeatureOptimizer(OptimMember):
@@ -148,16 +149,16 @@ class FeatureOptimizer(OptimMember):
             return no_features(params, grads, momenta, layout)
         return open_features(params, grads, momenta, layout, ctx)
 
-    def features_into(self, x, params, grads, momenta, layout, ctx,
-                      work=None) -> torch.Tensor:
+    def features_into(self, x, params, grads, momenta, layout, training, batch,
+                      activations, work=None) -> torch.Tensor:
         """The member's inputs written feature-major into the kept buffer ``x [P, F, D]``
-        from ``momenta [P, 6, D]`` (``work``: a kept buffer for the normalisation's
-        squares); OPEN's layer-proportion row is written once, at
-        :meth:`LearnedUpdate.init`."""
+        from ``momenta [P, 6, D]`` and the step's training and batch proportions and
+        activations (``work``: a kept buffer for the normalisation's squares); OPEN's
+        layer-proportion row is written once, at :meth:`LearnedUpdate.init`."""
         if self.feature_set == "raw":
             return no_features_fm(x, params, grads, momenta, layout, work)
-        return open_features_fm(x, params, grads, momenta, layout, ctx, constants=False,
-                                work=work)
+        return open_features_fm(x, params, grads, momenta, layout, training, batch,
+                                activations, constants=False, work=work)
 
     def step_update(self, p: dict, x: torch.Tensor, state: dict, actor_mask: torch.Tensor,
                     noise: torch.Tensor | None) -> torch.Tensor:
@@ -174,7 +175,8 @@ class FeatureOptimizer(OptimMember):
                              f"only the fused forward records; drop --no-fused")
 
     def population(self, meta_params, layout, config, keys):
-        return LearnedUpdate(self, meta_params, layout, keys)
+        return LearnedUpdate(self, meta_params, layout, keys,
+                             compile=bool(getattr(config, "compile", False)))
 
 
 class LearnedMember(FeatureOptimizer):
@@ -317,12 +319,15 @@ class LearnedUpdate(PopulationOptimizer):
     network's layers are batched matrix products ``[out, in] @ [in, n]`` whose LayerNorm
     reduces across rows."""
 
-    def __init__(self, member: FeatureOptimizer, meta_params: torch.Tensor, layout, keys):
+    def __init__(self, member: FeatureOptimizer, meta_params: torch.Tensor, layout, keys,
+                 compile: bool = False):
         self.member, self.layout, self.keys = member, layout, keys
         self.p = member.unflatten(meta_params)
-        if isinstance(member, LearnedMember):
+        self.network = isinstance(member, LearnedMember)
+        if self.network:
             self.p = centred(self.p)
         self.needs_activations = member.reads_activations
+        self.compile = bool(compile) and self.network
         self._ws: dict = {}  # the network's kept buffers, per block shape
 
     def init(self, params):
@@ -335,24 +340,37 @@ class LearnedUpdate(PopulationOptimizer):
             self._x[:, 16] = self.layout.layer_proportion
         self._work = params.new_empty(P, min(15, self.member.num_inputs), D)
         self._u = params.new_empty(P, D)
+        if self.compile:
+            from metarl.inner import compiled
+
+            # compiled: the noise draw (its hashing fuses into one pass) and the network
+            # on a block (its LayerNorms fuse); the features are faster eagerly (inductor's
+            # per-tensor reductions over ranges of a strided buffer measured 50x slower)
+            key = (P, D, str(params.device), params.dtype)
+            self._noise = compiled.cached_function(
+                "optim", ("noise", *key), lambda: _noise_fn(D))
+            self._block = compiled.cached_function(
+                "optim", ("block", self.member, *key), lambda: _block_fn(self.member))
         return state
 
     @torch.no_grad()
     def step(self, params, grads, state, ctx: StepContext):
         if getattr(self, "_x", None) is None or self._x.shape[0] != params.shape[0]:
             self.init(params)  # a state from elsewhere: the buffers only
+        member = self.member
         update_momenta_fm(state["momenta"], grads)
-        x = self.member.features_into(self._x, params, grads, state["momenta"],
-                                      self.layout, ctx, self._work)
+        member.features_into(self._x, params, grads, state["momenta"], self.layout,
+                             ctx.training_proportion, ctx.batch_proportion, ctx.activations,
+                             self._work)
         noise = None
-        if self.member.stochastic:
+        if member.stochastic:
             k = rng.fold(self.keys, _S_NOISE, ctx.update, ctx.epoch, ctx.minibatch)
-            noise = rng.normal(k, (params.shape[1],))
-        if isinstance(self.member, LearnedMember):
-            u = self._network_update(x, state, noise)
+            noise = self._noise(k) if self.compile else rng.normal(k, (params.shape[1],))
+        if self.network:
+            u = self._network_update(self._x, state, noise)
         else:
-            u = self.member.step_update(self.p, x, state, self.layout.actor_mask, noise)
-        if self.member.mean_centred:
+            u = member.step_update(self.p, self._x, state, self.layout.actor_mask, noise)
+        if member.mean_centred:
             u = u - u.mean(dim=1, keepdim=True)
         params.sub_(u)
 
@@ -368,7 +386,28 @@ class LearnedUpdate(PopulationOptimizer):
         u = self._u
         for a in range(0, D, block):
             s = slice(a, min(a + block, D))
-            part = {"hidden": state["hidden"][:, :, s]} if member.recurrent else {}
-            u[:, s] = member.step_update(self.p, x[:, :, s], part, mask[s],
-                                         None if noise is None else noise[:, s], self._ws)
+            hidden = state["hidden"][:, :, s] if member.recurrent else None
+            blk_noise = None if noise is None else noise[:, s]
+            if self.compile:
+                u[:, s] = self._block(self.p, x[:, :, s], hidden, mask[s], blk_noise)
+            else:
+                part = {"hidden": hidden} if member.recurrent else {}
+                u[:, s] = member.step_update(self.p, x[:, :, s], part, mask[s], blk_noise,
+                                             self._ws)
         return u
+
+
+def _noise_fn(D: int):
+    """``rng.normal(keys, (D,))``, to be compiled: its hashing fuses into one pass."""
+    def fn(keys):
+        return rng.normal(keys, (D,))
+    return fn
+
+
+def _block_fn(member):
+    """A network member's update of one block, to be compiled: ``fn(q, x [P, F, n],
+    hidden [P, 8, n] or None (updated in place), mask [n], noise [P, n] or None)``."""
+    def fn(q, x, hidden, mask, noise):
+        part = {"hidden": hidden} if member.recurrent else {}
+        return member.step_update(q, x, part, mask, noise)
+    return fn
