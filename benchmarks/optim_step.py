@@ -9,6 +9,7 @@ activations, and prints each one's time per step and its ratio to Adam's in the 
 
     python benchmarks/optim_step.py                      # P = 64, 2 threads
     python benchmarks/optim_step.py --sizes 8,64 --threads 1 --steps 30
+    python benchmarks/optim_step.py --compile            # the compiled step
 
 It uses only the family's interface (``member.population(...).init/step``), so it runs
 unchanged on earlier commits: check one out in a worktree and run this file there to
@@ -61,15 +62,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per member")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--members", default=",".join(MEMBERS))
+    ap.add_argument("--compile", action="store_true",
+                    help="compile=True (the learned members' noise and network; the first "
+                         "two steps, untimed, compile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = config_for("CartPole-v1")
+    cfg = config_for("CartPole-v1").replace(compile=args.compile)
     layout = AgentLayout.for_actor_critic(ActorCritic(4, 2, True, cfg.hidden, cfg.layers,
                                                       cfg.activation))
     names = [m for m in args.members.split(",") if m]
     if "adam" not in names:
         names.insert(0, "adam")
-    headline = {"threads": args.threads, "params_per_agent": layout.numel}
+    headline = {"threads": args.threads, "params_per_agent": layout.numel,
+                "compile": args.compile}
     for P in [int(s) for s in args.sizes.split(",")]:
         base = None
         print(f"P = {P}: {P * layout.numel:,} parameters per step")
