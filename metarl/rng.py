@@ -85,8 +85,12 @@ def _chunks(keys: torch.Tensor, shape: tuple[int, ...]):
 
 
 def _bits_range(k: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """The words of elements ``a..b-1`` for key rows ``k [K, 1]``: ``[K, b - a]`` int64."""
+    """The words of elements ``a..b-1`` for key rows ``k [K, 1]``: ``[K, b - a]`` int64
+    (in place for a chunk of many rows; a few rows' words take fewer Python calls out of
+    place)."""
     h = torch.arange(a, b, dtype=torch.int64, device=k.device).mul_(_GOLDEN).add(k)
+    if h.numel() < 4096:
+        return _fmix32(_fmix32(h) ^ k)
     t = torch.empty_like(h)
     return _fmix32_(_fmix32_(h, t).bitwise_xor_(k), t)
 
@@ -114,9 +118,12 @@ def uniform(keys: torch.Tensor, shape: tuple[int, ...], dtype=torch.float32) -> 
     """Uniform numbers in the open interval (0, 1), shape ``[*keys.shape, *shape]``: the
     top 24 bits of :func:`bits`, ``(b + 0.5) / 2^24``."""
     k, n, chunks = _chunks(keys, tuple(shape))
-    out = torch.empty(k.shape[0], n, dtype=dtype, device=keys.device)
-    for a, b in chunks:
-        out[:, a:b] = _uniform_range(k, a, b, dtype)
+    if len(chunks) == 1:
+        out = _uniform_range(k, 0, n, dtype)
+    else:
+        out = torch.empty(k.shape[0], n, dtype=dtype, device=keys.device)
+        for a, b in chunks:
+            out[:, a:b] = _uniform_range(k, a, b, dtype)
     return out.reshape(tuple(keys.shape) + tuple(shape))
 
 
@@ -126,11 +133,17 @@ def normal(keys: torch.Tensor, shape: tuple[int, ...], dtype=torch.float32) -> t
     ``fold(keys, 1)`` and ``fold(keys, 2)`` (a cache-sized chunk at a time)."""
     k1, n, chunks = _chunks(fold(keys, 1), tuple(shape))
     k2 = fold(keys, 2).reshape(-1, 1)
-    out = torch.empty(k1.shape[0], n, dtype=dtype, device=keys.device)
-    for a, b in chunks:
+
+    def draw(a, b):
         r = _uniform_range(k1, a, b, torch.float64).log_().mul_(-2.0).sqrt_()
-        c = _uniform_range(k2, a, b, torch.float64).mul_(2.0 * torch.pi).cos_()
-        out[:, a:b] = r.mul_(c)
+        return r.mul_(_uniform_range(k2, a, b, torch.float64).mul_(2.0 * torch.pi).cos_())
+
+    if len(chunks) == 1:
+        out = draw(0, n).to(dtype)
+    else:
+        out = torch.empty(k1.shape[0], n, dtype=dtype, device=keys.device)
+        for a, b in chunks:
+            out[:, a:b] = draw(a, b)
     return out.reshape(tuple(keys.shape) + tuple(shape))
 
 
