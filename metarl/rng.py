@@ -73,13 +73,13 @@ def _chunks(keys: torch.Tensor, shape: tuple[int, ...]):
     """``(k [K, 1], n, chunks)``: the keys as rows, the number of elements per key, and
     ``(start, end)`` ranges of them of about :data:`_CHUNK` elements in all, so that every
     pass over a chunk's ``[K, end - start]`` words stays in cache (one range when
-    compiled)."""
+    compiled, and off the CPU)."""
     n = 1
     for s in shape:
         n *= s
     k = keys.reshape(-1, 1)
-    if torch.compiler.is_compiling():  # compiled, the passes fuse into one: no chunks
-        return k, n, [(0, n)]
+    if torch.compiler.is_compiling() or k.device.type != "cpu":
+        return k, n, [(0, n)]  # compiled the passes fuse into one; a GPU wants big kernels
     step = max(1024, _CHUNK // max(1, k.shape[0]))
     return k, n, [(a, min(a + step, n)) for a in range(0, n, step)]
 

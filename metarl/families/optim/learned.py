@@ -355,7 +355,8 @@ class LearnedUpdate(PopulationOptimizer):
 
     @torch.no_grad()
     def step(self, params, grads, state, ctx: StepContext):
-        if getattr(self, "_x", None) is None or self._x.shape[0] != params.shape[0]:
+        x = getattr(self, "_x", None)
+        if x is None or (x.shape[0], x.shape[2]) != tuple(params.shape):
             self.init(params)  # a state from elsewhere: the buffers only
         member = self.member
         update_momenta_fm(state["momenta"], grads)
@@ -382,7 +383,8 @@ class LearnedUpdate(PopulationOptimizer):
         member, mask = self.member, self.layout.actor_mask
         P, D = x.shape[0], x.shape[2]
         width = max(member.hidden, 3 * member.gru_hidden, member.num_inputs)
-        block = max(256, BLOCK_FLOATS // (P * width))
+        # blocks for the CPU's caches; a GPU takes the whole row in one pass of kernels
+        block = max(256, BLOCK_FLOATS // (P * width)) if x.device.type == "cpu" else D
         u = self._u
         for a in range(0, D, block):
             s = slice(a, min(a + block, D))
