@@ -70,9 +70,7 @@ def main() -> None:
     cfg = config_for("CartPole-v1").replace(compile=args.compile)
     layout = AgentLayout.for_actor_critic(ActorCritic(4, 2, True, cfg.hidden, cfg.layers,
                                                       cfg.activation))
-    names = [m for m in args.members.split(",") if m]
-    if "adam" not in names:
-        names.insert(0, "adam")
+    names = ["adam"] + [m for m in args.members.split(",") if m and m != "adam"]
     headline = {"threads": args.threads, "params_per_agent": layout.numel,
                 "compile": args.compile}
     for P in [int(s) for s in args.sizes.split(",")]:

@@ -54,7 +54,8 @@ def fold(keys: torch.Tensor, *data: int) -> torch.Tensor:
     return keys
 
 
-#: elements per key row hashed at a time, times rows: about 256 KB of int64 per pass
+#: elements hashed at a time, over all key rows: 256 KB of int64 per pass (each row takes
+#: at least 1,024 elements, so a chunk is larger beyond 32 rows)
 _CHUNK = 1 << 15
 
 
@@ -103,7 +104,7 @@ def bits(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if len(chunks) == 1:
         out = _bits_range(k, 0, n) if n else k.new_empty(k.shape[0], 0)
     else:
-        out = k.new_empty(k.shape[0], n)
+        out = torch.empty(k.shape[0], n, dtype=torch.int64, device=k.device)
         for a, b in chunks:
             out[:, a:b] = _bits_range(k, a, b)
     return out.reshape(tuple(keys.shape) + tuple(shape))
@@ -115,8 +116,9 @@ def _uniform_range(k, a, b, dtype) -> torch.Tensor:
 
 
 def uniform(keys: torch.Tensor, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
-    """Uniform numbers in the open interval (0, 1), shape ``[*keys.shape, *shape]``: the
-    top 24 bits of :func:`bits`, ``(b + 0.5) / 2^24``."""
+    """Uniform numbers in (0, 1), shape ``[*keys.shape, *shape]``: the top 24 bits of
+    :func:`bits`, ``(b + 0.5) / 2^24``. In float64 the interval is open; in float32 the
+    top word (one draw in 2^24) rounds to exactly 1.0."""
     k, n, chunks = _chunks(keys, tuple(shape))
     if len(chunks) == 1:
         out = _uniform_range(k, 0, n, dtype)

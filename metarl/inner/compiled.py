@@ -26,6 +26,11 @@ for a hit (meta-training passes the same one every generation; its meta-paramete
 input, not part of the key). Members whose code cannot be traced (a proposal running in
 the sandbox) declare ``compilable = False`` and always run eagerly.
 
+Functions built from one closure share a code object, on which dynamo counts every new
+closure or shape against one recompile limit (8 by default; past it, the function quietly
+runs eagerly); the first build raises ``torch._dynamo.config.recompile_limit`` to twice
+this cache's size.
+
 Compiled code computes the same function with fused kernels, so its floats can differ from
 the eager loop's in the last bits; over a training run such differences grow as in any
 chaotic system. The tests compare both paths step by step with a stated tolerance.
@@ -60,6 +65,12 @@ def _cached(kind: str, key: tuple, build: Callable[[], Callable]) -> Callable:
     key = (kind, *key)
     fn = _CACHE.get(key)
     if fn is None:
+        # Functions built from one closure share a code object, and dynamo counts every
+        # new closure or shape against one limit per code object (8 by default), past
+        # which it runs the function eagerly with only a warning: allow this cache's size.
+        dynamo_config = torch._dynamo.config
+        if getattr(dynamo_config, "recompile_limit", MAX_ENTRIES) < 2 * MAX_ENTRIES:
+            dynamo_config.recompile_limit = 2 * MAX_ENTRIES
         fn = _CACHE[key] = torch.compile(build(), dynamic=False)
         BUILT[kind] += 1
         while len(_CACHE) > MAX_ENTRIES:

@@ -75,7 +75,7 @@ def scratch(ws: dict | None, name: str, shape, like: torch.Tensor) -> torch.Tens
     without a workspace (the caller's operation then allocates its result)."""
     if ws is None:
         return None
-    key = (name, tuple(shape))
+    key = (name, tuple(shape), like.dtype, like.device)
     t = ws.get(key)
     if t is None:
         t = ws[key] = like.new_empty(shape)
@@ -163,7 +163,8 @@ class FeatureOptimizer(OptimMember):
     def step_update(self, p: dict, x: torch.Tensor, state: dict, actor_mask: torch.Tensor,
                     noise: torch.Tensor | None) -> torch.Tensor:
         """The update ``u [P, n]`` before mean-centring, from the meta-parameters ``p``
-        (named views, :meth:`unflatten`), the features ``x [P, num_inputs, n]``
+        (named views, :meth:`unflatten`; a network member's are :func:`centred`, as the
+        stepper passes them), the features ``x [P, num_inputs, n]``
         (feature-major), the stepper's ``state`` (its ``hidden [P, 8, n]``, when
         recurrent), ``actor_mask [n]`` and ``noise [P, n]`` (None unless
         :attr:`stochastic`)."""
@@ -349,14 +350,18 @@ class LearnedUpdate(PopulationOptimizer):
             key = (P, D, str(params.device), params.dtype)
             self._noise = compiled.cached_function(
                 "optim", ("noise", *key), lambda: _noise_fn(D))
+            # one compiled network per kind of member, whatever the object (its weights
+            # are inputs): a member built again by name reuses it
+            kind = (type(self.member), self.member.hidden)
             self._block = compiled.cached_function(
-                "optim", ("block", self.member, *key), lambda: _block_fn(self.member))
+                "optim", ("block", *kind, *key), lambda: _block_fn(self.member))
         return state
 
     @torch.no_grad()
     def step(self, params, grads, state, ctx: StepContext):
         x = getattr(self, "_x", None)
-        if x is None or (x.shape[0], x.shape[2]) != tuple(params.shape):
+        if (x is None or (x.shape[0], x.shape[2]) != tuple(params.shape)
+                or x.dtype != params.dtype or x.device != params.device):
             self.init(params)  # a state from elsewhere: the buffers only
         member = self.member
         update_momenta_fm(state["momenta"], grads)
