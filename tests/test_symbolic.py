@@ -202,3 +202,21 @@ def test_bad_trees_and_settings(tmp_path, capsys):
     assert "already holds another run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["symbolic", "dpo", "--backend", "eureqa"])
+
+
+def test_a_gplearn_program_that_folds_to_nan_in_sympy_is_left_out():
+    """gplearn's guarded division gives ``0.0 / 0.0`` a value; sympy folds it to nan while
+    building, and ``Max`` then refuses the argument (this stopped a small-scale study).
+    Such a program is left out of the candidates; a sound one converts."""
+    from types import SimpleNamespace
+
+    from metarl.meta.symbolic import _program_to_sympy
+
+    fn = {n: SimpleNamespace(name=n, arity=a) for n, a in (("max", 2), ("div", 2),
+                                                            ("add", 2))}
+    x = {"x": sp.Symbol("x")}
+    bad = [fn["max"], 0, fn["div"], 0.0, 0.0]  # max(x, 0/0)
+    good = [fn["max"], 0, fn["add"], 0.5, 0.25]  # max(x, 0.75)
+    assert _program_to_sympy(bad, x, ["x"]) is None
+    assert _program_to_sympy([fn["div"], 1.0, 0.0], x, ["x"]) is None  # zoo
+    assert _program_to_sympy(good, x, ["x"]) == sp.Max(sp.Symbol("x"), sp.Float(0.75))

@@ -233,6 +233,22 @@ def _gplearn_to_sympy(program, symbols, inputs):
     return parse()
 
 
+def _program_to_sympy(program, symbols, inputs):
+    """:func:`_gplearn_to_sympy`, or None where sympy cannot hold the program: a part made of
+    constants alone that folds to nan or an infinity (``0.0 / 0.0``, which gplearn's
+    guarded division evaluates to a number but sympy folds while building; inside ``Max``
+    or ``Min`` sympy then refuses the argument)."""
+    import sympy as sp
+
+    try:
+        expr = _gplearn_to_sympy(program, symbols, inputs)
+    except (ValueError, TypeError, ZeroDivisionError):
+        return None
+    if expr.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
+        return None
+    return expr
+
+
 def fit_gplearn(X, y, cfg: SymbolicConfig, inputs, log=print, metrics=lambda **kw: None,
                 operators=BASE_OPERATORS):
     """Candidate sympy expressions over ``inputs`` (the names of ``X [N, d]``'s columns)
@@ -278,10 +294,17 @@ def fit_gplearn(X, y, cfg: SymbolicConfig, inputs, log=print, metrics=lambda **k
             seen.add(key)
             best.setdefault(prog.length_, []).append(prog)
     symbols = {n: sp.Symbol(n) for n in inputs}
-    out = []
+    out, left_out = [], 0
     for length in sorted(best):
         for prog in sorted(best[length], key=lambda p: p.raw_fitness_)[:2]:
-            out.append(_gplearn_to_sympy(prog.program, symbols, inputs))
+            expr = _program_to_sympy(prog.program, symbols, inputs)
+            if expr is None:
+                left_out += 1
+            else:
+                out.append(expr)
+    if left_out:
+        log(f"gplearn: {left_out} program(s) left out: a part of constants alone folds to "
+            f"nan or an infinity in sympy")
     return out
 
 
