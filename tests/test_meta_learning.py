@@ -30,7 +30,8 @@ def damaged(tmp_path_factory):
     ("openai-es", 8, dict(sigma=0.1, lr=0.01)),
     # CMA-ES with 8 members improves too (37 -> ~100) but its population mean is noisy
     # enough that a single generation can move the five-generation averages by 20%.
-    ("cma-es", 16, dict(sigma=0.05)),
+    # (slow: 40 s; the fast set keeps OpenAI-ES's, and CMA-ES's resume tests)
+    pytest.param("cma-es", 16, dict(sigma=0.05), marks=pytest.mark.slow),
 ])
 def test_fitness_improves_over_20_generations(tmp_path, damaged, strategy, popsize, settings):
     cfg = EvolveConfig(strategy=strategy, generations=20, popsize=popsize, eval_every=20,
