@@ -24,6 +24,7 @@ parameter of every agent of the population in one batched call.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -89,8 +90,8 @@ class TensorInfo:
 class AgentLayout:
     """The structure behind a flat parameter row ``[D]``: index tensors the features need.
 
-    - ``segment [D]``: tensor index of each entry (per-tensor RMS normalisation);
-    - ``counts [T]``: entries per tensor;
+    - ``segment [D]``: tensor index of each entry;
+    - ``bounds``: ``(start, end)`` of each tensor in the row (per-tensor RMS normalisation);
     - ``layer_proportion [D]``: layer index / (layers in the tower - 1), 0 for one layer;
     - ``actor_mask [D]``: True for actor entries (log_std included);
     - ``neuron [D]``: index into the concatenated neuron vector of ``groups`` (entries of
@@ -132,7 +133,8 @@ class AgentLayout:
             else:
                 neuron.append(offsets[t.group] + torch.arange(n))
         self.segment = torch.cat(seg).to(device)
-        self.counts = torch.tensor(self.sizes, dtype=torch.float32, device=device)
+        #: ``(start, end)`` of each tensor in the flat row (tensors are contiguous, in order)
+        self.bounds = [(o - n, o) for o, n in zip(itertools.accumulate(self.sizes), self.sizes)]
         self.layer_proportion = torch.cat(lprop).to(device)
         self.actor_mask = torch.cat(actor).to(device)
         self.neuron = torch.cat(neuron).to(device)

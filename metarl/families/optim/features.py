@@ -77,15 +77,6 @@ def write(out: torch.Tensor, fn, *args) -> torch.Tensor:
     return fn(*args, out=out)
 
 
-def segment_bounds(layout: AgentLayout) -> list[tuple[int, int]]:
-    """``(start, end)`` of each tensor in the flat row (tensors are contiguous, in order)."""
-    bounds, o = [], 0
-    for n in layout.sizes:
-        bounds.append((o, o + n))
-        o += n
-    return bounds
-
-
 def rms_normalise(x: torch.Tensor, layout: AgentLayout) -> torch.Tensor:
     """``x [P, D, F]`` divided by its RMS over each tensor, per feature and member
     (in place when ``x`` is writable; returns it)."""
@@ -101,7 +92,7 @@ def rms_normalise_fm(x: torch.Tensor, layout: AgentLayout,
     tensor's mean is a reduction over a contiguous range of them, and each tensor is scaled
     in one more pass."""
     sq = torch.mul(x, x) if work is None else torch.mul(x, x, out=work)
-    for a, b in segment_bounds(layout):
+    for a, b in layout.bounds:
         ms = sq[:, :, a:b].sum(-1, keepdim=True).div_(b - a)
         x[:, :, a:b].mul_(ms.add_(RMS_EPS).rsqrt_())
     return x
@@ -124,16 +115,16 @@ def open_features_fm(x: torch.Tensor, params: torch.Tensor, grads: torch.Tensor,
                      work: torch.Tensor | None = None) -> torch.Tensor:
     """OPEN's 19 inputs written feature-major into ``x [P, 19, D]`` (every feature a
     contiguous row per member) from ``momenta [P, 6, D]``, the training and batch
-    proportions (numbers or 0-d tensors) and the activations of the step (its
+    proportions and the activations of the step (its
     :class:`StepContext`'s); returns ``x``. With ``constants=False`` the layer proportion
     (row 16), which depends only on the layout, is taken as already written (a kept
     buffer); ``work [P, 15, D]`` is :func:`rms_normalise_fm`'s."""
     x[:, 0] = params
-    write(x[:, 1:7], torch.sign, momenta)
-    write(x[:, 7:13], torch.abs, momenta)
+    torch.sign(momenta, out=x[:, 1:7])
+    torch.abs(momenta, out=x[:, 7:13])
     x[:, 7:13].add_(LOG_EPS).log_()
-    write(x[:, 13], torch.sign, grads)
-    write(x[:, 14], torch.abs, grads)
+    torch.sign(grads, out=x[:, 13])
+    torch.abs(grads, out=x[:, 14])
     x[:, 14].add_(LOG_EPS).log_()
     rms_normalise_fm(x[:, :15], layout, work)
     x[:, 15].fill_(training)
