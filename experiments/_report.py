@@ -241,7 +241,7 @@ def findings_section(scale: str, mx: Matrix, findings: Sequence[dict],
     for i, f in enumerate(findings, 1):
         missing = [m for m in (f["a"], f["b"]) if m not in mx.methods]
         if missing:
-            why = "; ".join(skipped.values()) or "not run"
+            why = "; ".join(dict.fromkeys(skipped.values())) or "not run"  # each once
             out.append(f"| {i}. {f['text']} | {f['a']} vs {f['b']} | | | | | | "
                        f"{', '.join(missing)} not run: {why} |")
             continue

@@ -9,7 +9,7 @@ SGD on Breakout-MinAtar (in distribution) and on CartPole-v1, Asterix-, Freeway-
 SpaceInvaders-MinAtar and Ant-v4 (generalisation). Ends with ``report.md`` in ``--out``::
 
     python experiments/optimisers.py --scale smoke     # about two minutes on 2 CPU cores
-    python experiments/optimisers.py --scale small     # about an hour on 2 CPU cores
+    python experiments/optimisers.py --scale small     # about 50 minutes on 2 CPU cores
     python experiments/optimisers.py --scale paper --model o3-mini --base-url URL
 
 Resuming, the LLM endpoint and the scales work as in ``experiments/lpo.py``.
@@ -43,15 +43,20 @@ SCALES = {
         "eval_steps": {"CartPole-v1": 1024, "*MinAtar": 8192,
                        "Ant-v4": {"num_envs": 64, "total_timesteps": 1280}},
     },
+    # Sized to an hour on 2 cores. A learned optimiser's step costs more than the rest of
+    # PPO's update: OPEN took 8 minutes to evaluate at 32 MinAtar updates and 131,072
+    # CartPole and Ant steps (a drift rule about 4 at twice the MinAtar budget). So ES
+    # runs 8 generations (12 took 35 minutes for the three members) and evaluation 16
+    # MinAtar updates and 65,536 CartPole and Ant steps.
     "small": {
-        "es": dict(popsize=16, generations=12, eval_every=4, eval_seeds=4,
+        "es": dict(popsize=16, generations=8, eval_every=4, eval_seeds=4,
                    inner={"total_timesteps": 65536}),
         "distill": {"optim": dict(epochs=5)},
         "symbolic": {"optim": dict(population=1000, generations=10)},
         "propose": dict(generations=10, seeds=4, inner={"total_timesteps": 65536}),
         "eval_seeds": 4,
-        "eval_steps": {"CartPole-v1": 131072, "*MinAtar": 262144,
-                       "Ant-v4": {"num_envs": 256, "total_timesteps": 131072}},
+        "eval_steps": {"CartPole-v1": 65536, "*MinAtar": 131072,
+                       "Ant-v4": {"num_envs": 256, "total_timesteps": 65536}},
     },
     "paper": {  # the paper's: 800 generations of 64, 1e7 MinAtar steps per agent
         "es": dict(popsize=64, generations=800, eval_every=8, eval_seeds=8, inner={}),

@@ -184,3 +184,15 @@ def test_matrix_leaves_an_environment_unnormalised_below_random():
     mx = report_mod.Matrix(evals, ["Ant-v4"], "ppo-clip")
     assert "not normalised" in mx.scale_source["Ant-v4"]
     assert all(math.isnan(v) for v in mx.norm("ppo-clip", "Ant-v4"))
+
+
+def test_a_finding_whose_method_was_not_run_says_why_once():
+    evals = {"ppo-clip": _eval({"CartPole-v1": [400.0, 450.0]})}
+    mx = report_mod.Matrix(evals, ["CartPole-v1"], "ppo-clip")
+    why = "no LLM endpoint: pass --base-url (and --model)"
+    text = report_mod.findings_section(
+        "small", mx, [dict(text="t", a="LLM proposal", b="ppo-clip", envs=["CartPole-v1"],
+                           expect="better")],
+        {"propose-a": why, "propose-b": why, "propose-c": "another reason"})
+    row = next(line for line in text.splitlines() if line.startswith("| 1. t"))
+    assert row.count(why) == 1 and "another reason" in row and "LLM proposal not run" in row
