@@ -42,8 +42,14 @@ def test_nan_member_is_scored_logged_and_the_run_goes_on(tmp_path):
                          fail_members=lambda gen: [1] if gen == 0 else [])
     rows = read_metrics(tmp_path)
     assert rows[0]["failed"] == 1 and rows[1]["failed"] == 0
-    assert rows[0]["fitness_mean"] > FAILED_FITNESS and rows[0]["fitness_min"] > 0
-    assert len(rows) == 3 and res["best_eval_fitness"] > 0
+    # the failed member is scored FAILED_FITNESS, its return recorded as missing, and the
+    # generation's statistics are those of the members that trained
+    fit = rows[0]["member_fitness"]
+    assert fit[1] == FAILED_FITNESS and rows[0]["member_returns"]["CartPole-v1"][1] is None
+    ok = [f for i, f in enumerate(fit) if i != 1]
+    assert rows[0]["fitness_mean"] == pytest.approx(sum(ok) / 3)
+    assert rows[0]["fitness_min"] == pytest.approx(min(ok))
+    assert len(rows) == 3 and res["best_eval_fitness"] > FAILED_FITNESS
     art = load(tmp_path / "best.pt")
     assert torch.isfinite(art.representation["params"]).all()
 

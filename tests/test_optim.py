@@ -278,8 +278,16 @@ def test_learned_optimiser_member_alone_equals_its_population_run(tiny_cartpole)
 def test_learned_optimiser_on_continuous_control():
     cfg = config_for("Pendulum-v1", num_envs=2, num_steps=16, total_timesteps=64,
                      num_minibatches=2, update_epochs=2, backend="torch")
-    res = train(cfg, "open-ff", OPTIM.initial_params("open-ff", 0), seeds=[0, 1])
+    meta = OPTIM.initial_params("open-ff", 0)
+    res = train(cfg, "open-ff", meta, seeds=[0, 1])
     assert torch.isfinite(res.final_return).all() and res.optimizer == "open-ff"
+    # Gaussian policy, log_std among the parameters: a member alone trains as in the
+    # population, and the two seeds differ
+    alone = train(cfg, "open-ff", meta, seeds=[1])
+    assert torch.equal(res.curve[1], alone.curve[0])
+    torch.testing.assert_close(res.agent_params[1], alone.agent_params[0], rtol=1e-5,
+                               atol=1e-6)
+    assert not torch.allclose(res.agent_params[0], res.agent_params[1])
 
 
 def test_initial_params_are_seeded():
