@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, for a machine with CUDA and PyTorch (no package index needed:
-# metarl is imported from this checkout). About 5-8 minutes on one GPU.
+# The GPU checks in one run, for a machine with CUDA, PyTorch, numpy and pytest (no package
+# index needed: metarl is imported from this checkout; envpool, gymnasium, wandb and
+# lightning are not used). About 5-8 minutes on one GPU; at most 4 x PART_TIMEOUT.
 #
 #   bash benchmarks/gpu_check.sh                 # DEVICE=cuda, output in runs/gpu-check
 #   OUT=/tmp/x DEVICE=cpu SIZES=1,8 bash benchmarks/gpu_check.sh   # a dry run on a CPU
@@ -15,11 +16,13 @@
 # 3. the same for Breakout-MinAtar (the paper's configuration);
 # 4. the optimiser slot (Adam, SGD, OPEN, OPEN-FF, No-Features) at the largest size.
 set -u
+cd "$(dirname "$0")/.."  # the repository's root
 OUT=${OUT:-runs/gpu-check}
 DEVICE=${DEVICE:-cuda}
 SIZES=${SIZES:-1,64,1024}
 PY=${PYTHON:-python3}
-PART_TIMEOUT=${PART_TIMEOUT:-150}
+PART_TIMEOUT=${PART_TIMEOUT:-130}
+LARGEST=$(tr ',' '\n' <<< "$SIZES" | sort -n | tail -n 1)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 : > "$OUT/summary.jsonl"
@@ -44,7 +47,7 @@ part host_sync $PY -m pytest -q -p no:cacheprovider tests/test_host_sync.py
 part cartpole $PY benchmarks/inner_loop.py --device "$DEVICE" --backend torch \
     --sizes "$SIZES" --alone 1 --updates 6 --compile
 part breakout $PY benchmarks/inner_loop.py --device "$DEVICE" --env Breakout-MinAtar \
-    --backend torch --sizes "${SIZES##*,}" --alone 1 --updates 3
+    --backend torch --sizes "$LARGEST" --alone 1 --updates 3
 part optimisers $PY benchmarks/inner_loop.py --device "$DEVICE" --backend torch \
-    --sizes "${SIZES##*,}" --alone 1 --updates 3 --optimisers
+    --sizes "$LARGEST" --alone 1 --updates 3 --optimisers
 echo "== done: $OUT"

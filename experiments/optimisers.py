@@ -43,11 +43,11 @@ SCALES = {
         "eval_steps": {"CartPole-v1": 1024, "*MinAtar": 8192,
                        "Ant-v4": {"num_envs": 64, "total_timesteps": 1280}},
     },
-    # Sized to an hour on 2 cores. A learned optimiser's step costs more than the rest of
-    # PPO's update: OPEN took 8 minutes to evaluate at 32 MinAtar updates and 131,072
-    # CartPole and Ant steps (a drift rule about 4 at twice the MinAtar budget). So ES
-    # runs 8 generations (12 took 35 minutes for the three members) and evaluation 16
-    # MinAtar updates and 65,536 CartPole and Ant steps.
+    # Sized to fit an hour on 2 cores (it took 49 minutes). A learned optimiser's step
+    # costs more than the rest of PPO's update: OPEN took 8 minutes to evaluate at 32
+    # MinAtar updates and 131,072 CartPole and Ant steps (a drift rule about 4 minutes at
+    # twice the MinAtar budget). So ES runs 8 generations (12 took 32 minutes for the
+    # three members) and evaluation 16 MinAtar updates and 65,536 CartPole and Ant steps.
     "small": {
         "es": dict(popsize=16, generations=8, eval_every=4, eval_seeds=4,
                    inner={"total_timesteps": 65536}),

@@ -49,7 +49,8 @@ def test_nan_member_is_scored_logged_and_the_run_goes_on(tmp_path):
     ok = [f for i, f in enumerate(fit) if i != 1]
     assert rows[0]["fitness_mean"] == pytest.approx(sum(ok) / 3)
     assert rows[0]["fitness_min"] == pytest.approx(min(ok))
-    assert len(rows) == 3 and res["best_eval_fitness"] > FAILED_FITNESS
+    assert min(ok) > FAILED_FITNESS and rows[0]["fitness_min"] > 0  # CartPole returns
+    assert len(rows) == 3 and res["best_eval_fitness"] > 0
     art = load(tmp_path / "best.pt")
     assert torch.isfinite(art.representation["params"]).all()
 

@@ -5,9 +5,12 @@ index...) makes Python wait for the device, once per step of a rollout that shou
 ahead. A ``TorchFunctionMode`` records every such call with the library function it came
 from; training with 16 and with 32 steps per rollout (the same number of updates and
 minibatch steps) shows which calls happen per step. On the CPU the only ones allowed are
-the two reads that are cheap there and guarded to the CPU in the code (the torch-native
-environments' "is the block of drawn reset states used up?" and the discrete action range
-check); on CUDA none is.
+the reads that are cheap there and guarded to the CPU in the code (the torch-native
+environments' "is the block of drawn reset states used up?", MinAtar's rows to reset, and
+the discrete action range check); on CUDA none is.
+
+The probe sees reads made through Python (the calls below); a synchronisation inside a C++
+kernel is not seen. On CUDA, ``torch.cuda.set_sync_debug_mode`` would see those too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import metarl
 from metarl.artifact import load
 from metarl.inner.ppo import prepare_configs, train
 
@@ -26,8 +30,11 @@ READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "
          "nonzero", "masked_select", "unique", "argwhere"}
 
 #: (call, library function) pairs that read per step on the CPU only (each behind a
-#: ``device.type == "cpu"`` test in its function)
-CPU_ONLY = {("__bool__", "_next_initial"), ("__int__", "check_actions")}
+#: ``device.type == "cpu"`` test: the torch-native environments' block of reset states,
+#: MinAtar's rows to reset, the discrete action range)
+CPU_ONLY = {("__bool__", "_next_initial"), ("nonzero", "_restart"),
+            ("__int__", "check_actions")}
+PACKAGE = os.path.dirname(os.path.abspath(metarl.__file__)) + os.sep
 
 
 class HostReads(TorchFunctionMode):
@@ -42,7 +49,7 @@ class HostReads(TorchFunctionMode):
 
         f = sys._getframe(2)
         while f is not None:
-            if f"{os.sep}metarl{os.sep}" in f.f_code.co_filename:
+            if os.path.abspath(f.f_code.co_filename).startswith(PACKAGE):
                 return f.f_code.co_name
             f = f.f_back
         return "?"
@@ -58,9 +65,9 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def per_step_reads(algorithm: str, env_id: str, device: str) -> dict:
+def per_step_reads(algorithm: str, env_id: str, device: str, short: int = 16) -> dict:
     counts = []
-    for steps in (16, 32):
+    for steps in (short, 2 * short):
         member, params = load(algorithm).build()
         num_envs = 4
         cfg = prepare_configs([env_id], num_envs=num_envs, num_steps=steps,
@@ -81,18 +88,25 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     ("ppo-clip", "CartPole-v1"),
     ("open", "CartPole-v1"),  # a learned optimiser in the optimiser slot
     ("ppo-clip", "Pendulum-v1"),  # continuous actions, normalised observations and rewards
+    ("ppo-clip", "Breakout-MinAtar"),  # the paper's meta-training game
 ])
 def test_no_host_read_per_step(algorithm, env_id, device):
-    reads = per_step_reads(algorithm, env_id, device)
+    # Pendulum's episodes end at step 200: rollouts of 112 and 224 steps cross it
+    short = 112 if env_id == "Pendulum-v1" else 16
+    reads = per_step_reads(algorithm, env_id, device, short)
     if device != "cpu":
         assert reads == {}, f"host reads per step: {reads}"
         return
     assert set(reads) <= CPU_ONLY, f"host reads per step: {reads}"
-    # and the probe saw the CPU-only ones: 16 more steps in each of 2 updates, one block
-    # check per step, and for discrete actions two range reads (lowest and highest)
-    extra = 2 * 16
-    expected = {("__bool__", "_next_initial"): extra}
-    if env_id == "CartPole-v1":
+    # and the probe saw the CPU-only ones: `short` more steps in each of 2 updates, one reset
+    # check per step (the block for CartPole and Pendulum, the rows for MinAtar), and for
+    # discrete actions two range reads (lowest and highest)
+    extra = 2 * short
+    if env_id.endswith("MinAtar"):
+        expected = {("nonzero", "_restart"): extra}
+    else:
+        expected = {("__bool__", "_next_initial"): extra}
+    if env_id != "Pendulum-v1":
         expected["__int__", "check_actions"] = 2 * extra
     assert reads == expected
 

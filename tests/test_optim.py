@@ -288,6 +288,10 @@ def test_learned_optimiser_on_continuous_control():
     torch.testing.assert_close(res.agent_params[1], alone.agent_params[0], rtol=1e-5,
                                atol=1e-6)
     assert not torch.allclose(res.agent_params[0], res.agent_params[1])
+    # the learned update moved every parameter, log_std (column 0) included, from where a
+    # zero network (which updates nothing) leaves them
+    still = train(cfg, "open-ff", torch.zeros_like(meta), seeds=[0, 1])
+    assert (res.agent_params != still.agent_params).all()
 
 
 def test_initial_params_are_seeded():

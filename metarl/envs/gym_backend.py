@@ -10,8 +10,10 @@ from metarl.envs.spec import EnvSpec
 
 
 def gymnasium_ids() -> frozenset[str]:
-    import gymnasium
-
+    try:
+        import gymnasium
+    except ImportError:  # an install without gymnasium (a GPU image) has the other backends
+        return frozenset()
     return frozenset(gymnasium.registry.keys())
 
 
