@@ -4,7 +4,9 @@ import sys
 
 import pytest
 
+from metarl.artifact import load
 from metarl.cli import main
+from metarl.inner.ppo import prepare_configs, train
 from metarl.train import parse_seeds
 
 TINY = ["--total-timesteps", "256", "--num-steps", "32", "--backend", "torch", "--no-progress"]
@@ -21,8 +23,6 @@ def test_train_writes_run_directory(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     env = results["envs"]["CartPole-v1"]
     # the command's numbers are the library's: the same training called directly
-    from metarl.artifact import load
-    from metarl.inner.ppo import prepare_configs, train
     member, params = load("dpo").build()
     cfg = prepare_configs(["CartPole-v1"], total_timesteps=256, num_steps=32,
                           backend="torch")["CartPole-v1"]

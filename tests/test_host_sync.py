@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 
 import pytest
 import torch
@@ -45,8 +46,6 @@ class HostReads(TorchFunctionMode):
         self.calls = collections.Counter()
 
     def _where(self) -> str:
-        import sys
-
         f = sys._getframe(2)
         while f is not None:
             if os.path.abspath(f.f_code.co_filename).startswith(PACKAGE):

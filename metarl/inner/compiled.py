@@ -65,9 +65,7 @@ def _cached(kind: str, key: tuple, build: Callable[[], Callable]) -> Callable:
     key = (kind, *key)
     fn = _CACHE.get(key)
     if fn is None:
-        # Functions built from one closure share a code object, and dynamo counts every
-        # new closure or shape against one limit per code object (8 by default), past
-        # which it runs the function eagerly with only a warning: allow this cache's size.
+        # dynamo's per-code-object recompile limit (module docstring): allow this cache
         dynamo_config = torch._dynamo.config
         if getattr(dynamo_config, "recompile_limit", MAX_ENTRIES) < 2 * MAX_ENTRIES:
             dynamo_config.recompile_limit = 2 * MAX_ENTRIES
