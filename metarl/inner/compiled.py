@@ -52,7 +52,7 @@ from metarl.nets import population_forward, population_tower
 MAX_ENTRIES = 32
 _CACHE: OrderedDict[Hashable, Callable] = OrderedDict()
 #: how many functions were built (compiled) since the process started, by kind
-BUILT: dict[str, int] = {"env": 0, "loss": 0, "optim": 0}
+BUILT: dict[str, int] = {"env": 0, "loss": 0, "optim": 0, "adam": 0}
 
 
 def clear() -> None:
@@ -61,21 +61,95 @@ def clear() -> None:
     torch._dynamo.reset()
 
 
-def _cached(kind: str, key: tuple, build: Callable[[], Callable]) -> Callable:
-    key = (kind, *key)
+def _keep(key: tuple, build: Callable[[], Callable]) -> Callable:
+    """``build()``, made once per ``key`` and kept in this module's cache (least recently
+    used dropped first)."""
     fn = _CACHE.get(key)
     if fn is None:
-        # dynamo's per-code-object recompile limit (module docstring): allow this cache
-        dynamo_config = torch._dynamo.config
-        if getattr(dynamo_config, "recompile_limit", MAX_ENTRIES) < 2 * MAX_ENTRIES:
-            dynamo_config.recompile_limit = 2 * MAX_ENTRIES
-        fn = _CACHE[key] = torch.compile(build(), dynamic=False)
-        BUILT[kind] += 1
+        fn = _CACHE[key] = build()
         while len(_CACHE) > MAX_ENTRIES:
             _CACHE.popitem(last=False)
     else:
         _CACHE.move_to_end(key)
     return fn
+
+
+def _cached(kind: str, key: tuple, build: Callable[[], Callable]) -> Callable:
+    def compile_it():
+        # dynamo's per-code-object recompile limit (module docstring): allow this cache
+        dynamo_config = torch._dynamo.config
+        if getattr(dynamo_config, "recompile_limit", MAX_ENTRIES) < 2 * MAX_ENTRIES:
+            dynamo_config.recompile_limit = 2 * MAX_ENTRIES
+        BUILT[kind] += 1
+        return torch.compile(build(), dynamic=False)
+
+    return _keep((kind, *key), compile_it)
+
+
+class Traced:
+    """``fn`` (a function of tensors returning a tuple of tensors) compiled without
+    TorchDynamo: traced once per input signature (shapes, strides, dtypes, devices) by
+    ``make_fx`` on fake tensors, then compiled by inductor (``torch._inductor.compile``).
+
+    A call through ``torch.compile`` spends 30-60 us on this machine before its kernels
+    run (dynamo's frame hook and guards, its config context, the AOTAutograd wrapper);
+    a traced graph is called in about 6 us. That matters for functions called hundreds of
+    times per update: the environment's step (each rollout step), the loss head and
+    Adam's step (each minibatch). There are no guards: the caller passes tensors of the
+    same kind on every call (the inner loop does, by construction), and a change of shape
+    or stride is caught by the compiled code's own size check (then the graph for the
+    new signature is looked up, or built). ``fn`` must be traceable whole, with no read
+    of a tensor's value; where tracing or compiling fails, ``fn`` runs through
+    ``torch.compile`` instead (with its graph breaks and guards).
+
+    In-place writes to inputs are kept (AOTAutograd writes them back)."""
+
+    def __init__(self, kind: str, fn: Callable):
+        self.kind, self.fn = kind, fn
+        self.graphs: dict[tuple, Callable] = {}
+        self._bound: Callable | None = None
+        self._dynamo: Callable | None = None
+
+    @staticmethod
+    def signature(args) -> tuple:
+        return tuple((a.shape, a.stride(), a.dtype, a.device) for a in args)
+
+    def _build(self, args) -> Callable:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        try:
+            graph = make_fx(self.fn, tracing_mode="fake")(*args)
+            return torch._inductor.compile(graph, list(args))
+        except Exception as e:  # noqa: BLE001 - any failure to trace: the dynamo path
+            import warnings
+
+            warnings.warn(f"metarl: the {self.kind} function could not be traced whole "
+                          f"({type(e).__name__}: {e}); it runs through torch.compile",
+                          RuntimeWarning, stacklevel=3)
+            if self._dynamo is None:
+                self._dynamo = torch.compile(self.fn, dynamic=False)
+            return self._dynamo
+
+    def __call__(self, *args):
+        graph = self._bound
+        if graph is not None:
+            try:
+                return graph(*args)
+            except AssertionError:  # the compiled code's size/stride check, before any work
+                pass
+        sig = self.signature(args)
+        graph = self.graphs.get(sig)
+        if graph is None:
+            graph = self.graphs[sig] = self._build(args)
+            BUILT[self.kind] += 1
+        self._bound = graph
+        return graph(*args)
+
+
+def traced(kind: str, key: tuple, build: Callable[[], Callable]) -> Traced:
+    """:class:`Traced` of ``build()``, made once per ``(kind, *key)`` and kept in this
+    module's cache (its graphs with it)."""
+    return _keep(("traced", kind, *key), lambda: Traced(kind, build()))
 
 
 def cached_function(kind: str, key: tuple, build: Callable[[], Callable]) -> Callable:
@@ -151,8 +225,11 @@ def rollout_step(model, layout, config, env, device, compile: bool = True) -> Ca
 
     if traced:
         env.prepare_trace()
-        stepper = _cached("env", (type(env), str(device)),
-                          lambda: env_step(type(env).step_unchecked, False))
+        names = tuple(n for n, v in vars(env).items() if isinstance(v, torch.Tensor))
+        rest = tuple(sorted((n, repr(v)) for n, v in vars(env).items()
+                            if not isinstance(v, torch.Tensor)))
+        stepper = _keep(("env-step", type(env), names, rest, str(device)),
+                        lambda: _EnvStep(names, env_step(type(env).step_unchecked, False)))
     else:
         stepper = env_step(type(env).step, not env.fresh_obs)
 
@@ -162,6 +239,45 @@ def rollout_step(model, layout, config, env, device, compile: bool = True) -> Ca
         return (action, out, *stepper(env, env_action, P, N, ep_sum, ep_count, last_return))
 
     return fn
+
+
+class _EnvStep:
+    """The environment's step as a :class:`Traced` function of tensors: the environment's
+    tensor attributes (``names``: its state, counters and keys) go in and come out with
+    the step's results, and are set back on the environment after the call. While
+    tracing, the environment's attributes are the traced ones."""
+
+    def __init__(self, names: tuple[str, ...], step: Callable):
+        self.names, self.env = names, None
+        k = len(names)
+
+        def pure(*args):
+            env = self.env
+            saved = {n: getattr(env, n) for n in names}
+            try:
+                for n, t in zip(names, args[:k]):
+                    setattr(env, n, t)
+                action, ep_sum, ep_count, last_return = args[k:]
+                P, N = ep_sum.shape
+                outs = step(env, action, P, N, ep_sum, ep_count, last_return)
+                return (*(getattr(env, n) for n in names), *outs)
+            finally:
+                for n, t in saved.items():
+                    setattr(env, n, t)
+
+        self.traced = Traced("env", pure)
+
+    def __call__(self, env, env_action, P, N, ep_sum, ep_count, last_return):
+        names = self.names
+        self.env = env
+        try:
+            res = self.traced(*[getattr(env, n) for n in names], env_action, ep_sum, ep_count,
+                              last_return)
+        finally:
+            self.env = None
+        for n, t in zip(names, res):
+            setattr(env, n, t)
+        return tuple(res[len(names):])
 
 
 def minibatch_loss(model, layout, config, drift, log_std_slice, needs_taps: bool
@@ -191,27 +307,63 @@ def _coefs(config):
                                  ent_coef=config.ent_coef)
 
 
-def loss_head(config, drift, discrete: bool, device, compile: bool = True) -> Callable:
-    """``fn(out, value, log_std, meta, act, logp_old, val_old, adv, ret, valid) -> loss
-    [P]``: :func:`~metarl.inner.losses.ppo_objective` from the towers' outputs (the part of
-    the minibatch loss that autograd differentiates; the towers have a hand-written
-    backward, :mod:`metarl.inner.towers`). Compiled with ``compile`` unless the drift is
-    not ``compilable``."""
+class LossHead:
+    """The loss head of a minibatch step: ``head(out, value, log_std, meta, act, logp_old,
+    val_old, adv, ret, valid) -> loss [P]`` (:func:`~metarl.inner.losses.ppo_objective`
+    from the towers' outputs; ``log_std`` is None for a discrete policy), and
+    :meth:`loss_and_grads`, the loss with its gradients with respect to ``out``,
+    ``value`` and ``log_std``, which the towers' hand-written backward takes from there
+    (:meth:`metarl.inner.towers.Towers.loss_and_grads`)."""
+
+    def __init__(self, fn: Callable, joint: Traced | None = None):
+        self.fn, self.joint = fn, joint
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def loss_and_grads(self, out, value, log_std, *batch):
+        """``(loss [P], d out, d value, d log_std or None)`` of the summed loss."""
+        if self.joint is not None:
+            args = (out, value) if log_std is None else (out, value, log_std)
+            res = self.joint(*args, *batch)
+            return (*res, None) if log_std is None else tuple(res)
+        return _head_grads(self.fn, out, value, log_std, batch)
+
+
+def _head_grads(fn, out, value, log_std, batch):
+    leaves = [out.detach().requires_grad_(True), value.detach().requires_grad_(True)]
+    if log_std is not None:
+        leaves.append(log_std.detach().requires_grad_(True))
+    with torch.enable_grad():
+        loss = fn(*leaves[:2], leaves[2] if log_std is not None else None, *batch)
+        g = torch.autograd.grad(loss.sum(), leaves)
+    return (loss.detach(), *g, None) if log_std is None else (loss.detach(), *g)
+
+
+def loss_head(config, drift, discrete: bool, device, compile: bool = True) -> LossHead:
+    """The :class:`LossHead` of a drift: with ``compile`` (unless the drift is not
+    ``compilable``), its loss and gradients are one traced graph (:class:`Traced`), built
+    once per configuration, drift and shapes; else autograd runs eagerly."""
     coefs = _coefs(config)
 
-    def build():
-        def fn(out, value, log_std, meta, act, logp_old, val_old, adv, ret, valid):
-            return ppo_objective(coefs, drift, meta, out, value, log_std, act, logp_old,
-                                 val_old, adv, ret, valid)
-
-        return fn
+    def fn(out, value, log_std, meta, act, logp_old, val_old, adv, ret, valid):
+        return ppo_objective(coefs, drift, meta, out, value, log_std, act, logp_old,
+                             val_old, adv, ret, valid)
 
     if not (compile and getattr(drift, "compilable", True)):
-        return build()
+        return LossHead(fn)
+
+    def build():
+        def joint(out, value, *rest):
+            log_std, batch = (None, rest) if discrete else (rest[0], rest[1:])
+            return _head_grads(fn, out, value, log_std, batch)[:3 if discrete else 4]
+
+        return joint
+
     key = (drift.compile_key(), config.clip_eps, config.vf_coef, config.ent_coef, discrete,
            str(device))
-    return _cached("loss", key, build)
+    return LossHead(fn, traced("loss", key, build))
 
 
-__all__ = ["policy_step", "rollout_step", "minibatch_loss", "loss_head",
-           "clear", "MAX_ENTRIES", "BUILT", "cached_function"]
+__all__ = ["policy_step", "rollout_step", "minibatch_loss", "loss_head", "LossHead",
+           "Traced", "traced", "clear", "MAX_ENTRIES", "BUILT", "cached_function"]

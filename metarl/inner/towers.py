@@ -199,27 +199,29 @@ class Towers:
                        taps: dict | None = None) -> torch.Tensor:
         """The loss ``[P]`` of a minibatch, its gradient written into ``grads [P, D]``.
 
-        ``head(out, value, log_std, *batch) -> loss [P]`` is the loss from the towers'
-        outputs (:func:`metarl.inner.losses.ppo_objective` with the drift); autograd
-        differentiates it with respect to ``out``, ``value`` and ``log_std`` (a continuous
-        policy's parameter, read from its slice of ``params``), and :meth:`backward`
-        carries the gradient through the towers."""
+        ``head`` is the loss from the towers' outputs: a
+        :class:`metarl.inner.compiled.LossHead`, whose ``loss_and_grads(out, value,
+        log_std, *batch)`` gives the loss and its gradients with respect to ``out``,
+        ``value`` and ``log_std`` (a continuous policy's parameter, read from its slice of
+        ``params``), or any ``head(out, value, log_std, *batch) -> loss [P]``, which
+        autograd differentiates. :meth:`backward` carries the gradient through the
+        towers."""
         saved: dict = {}
         with torch.no_grad():
             out, value = self.forward(params, obs, saved, taps)
-            leaves = [out.requires_grad_(True), value.requires_grad_(True)]
-            log_std = None
+            log_std = params[:, log_std_slice] if log_std_slice is not None else None
+            if hasattr(head, "loss_and_grads"):
+                loss, g_out, g_value, g_log_std = head.loss_and_grads(out, value, log_std,
+                                                                      *batch)
+            else:
+                from metarl.inner.compiled import LossHead
+
+                loss, g_out, g_value, g_log_std = LossHead(head).loss_and_grads(
+                    out, value, log_std, *batch)
+            self.backward(params, saved, g_out, g_value, grads)
             if log_std_slice is not None:
-                log_std = params[:, log_std_slice].detach().requires_grad_(True)
-                leaves.append(log_std)
-        with torch.enable_grad():
-            loss = head(out, value, log_std, *batch)
-            g = torch.autograd.grad(loss.sum(), leaves)
-        with torch.no_grad():
-            self.backward(params, saved, g[0], g[1], grads)
-            if log_std_slice is not None:
-                grads[:, log_std_slice] = g[2]
-        return loss.detach()
+                grads[:, log_std_slice] = g_log_std
+        return loss
 
 
 __all__ = ["Towers"]

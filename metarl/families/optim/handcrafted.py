@@ -17,9 +17,17 @@ class AdamUpdate(PopulationOptimizer):
     """Adam (optax semantics: eps outside the square root) over flat ``[P, D]`` rows."""
 
     def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-5,
-                 anneal: bool = True):
+                 anneal: bool = True, compile: bool = False):
         self.lr, self.b1, self.b2, self.eps, self.anneal = lr, b1, b2, eps, anneal
         self._denom = None
+        # compiled: the step's seven passes over [P, D] are one fused pass (a traced graph,
+        # the same operations in the same order)
+        self._fused = None
+        if compile:
+            from metarl.inner import compiled
+
+            self._fused = compiled.traced("adam", (b1, b2, eps), lambda: _adam_step(b1, b2,
+                                                                                     eps))
 
     def init(self, params):
         z = torch.zeros_like(params)
@@ -30,11 +38,15 @@ class AdamUpdate(PopulationOptimizer):
         state["count"] += 1
         t = int(state["count"])
         m, v = state["m"], state["v"]
-        m.lerp_(grads, 1.0 - self.b1)
-        v.mul_(self.b2).addcmul_(grads, grads, value=1.0 - self.b2)
         lr = self.lr * (ctx.frac_remaining if self.anneal else 1.0)
         bc1 = 1.0 - self.b1**t
         bc2 = 1.0 - self.b2**t
+        if self._fused is not None:
+            scalars = torch.tensor([-lr / bc1, bc2], dtype=params.dtype, device=params.device)
+            self._fused(params, grads, m, v, scalars)
+            return
+        m.lerp_(grads, 1.0 - self.b1)
+        v.mul_(self.b2).addcmul_(grads, grads, value=1.0 - self.b2)
         # The denominator goes into a buffer kept from step to step: a fresh [P, D]
         # tensor per step costs page faults once D is large (MinAtar's first layer).
         denom = self._denom
@@ -42,6 +54,23 @@ class AdamUpdate(PopulationOptimizer):
             denom = self._denom = torch.empty_like(v)
         torch.div(v, bc2, out=denom).sqrt_().add_(self.eps)
         params.addcdiv_(m, denom, value=-lr / bc1)
+
+
+def _adam_step(b1: float, b2: float, eps: float):
+    """:meth:`AdamUpdate.step`'s arithmetic as a function for :func:`metarl.inner.compiled.
+    traced`: ``params``, ``m`` and ``v`` updated in place, ``scalars = [-lr / bc1, bc2]``
+    (so that the learning rate and the step count are inputs, not constants)."""
+
+    def step(params, grads, m, v, scalars):
+        m1 = torch.lerp(m, grads, 1.0 - b1)
+        v1 = v * b2 + (1.0 - b2) * grads * grads
+        p1 = params + scalars[0] * m1 / (torch.sqrt(v1 / scalars[1]) + eps)
+        m.copy_(m1)
+        v.copy_(v1)
+        params.copy_(p1)
+        return ()
+
+    return step
 
 
 class SGDUpdate(PopulationOptimizer):
@@ -68,7 +97,8 @@ class Adam(OptimMember):
 
     def population(self, meta_params, layout, config, keys):
         return AdamUpdate(self.lr or config.lr, config.adam_b1, config.adam_b2,
-                          config.adam_eps, config.anneal_lr)
+                          config.adam_eps, config.anneal_lr,
+                          compile=bool(getattr(config, "compile", False)))
 
 
 class SGD(OptimMember):
