@@ -72,8 +72,8 @@ class PPOConfig:
         metadata={"help": "hand-batched actor-critic forward (off: vmap(functional_call))"})
     compile: bool = field(
         default=False,
-        metadata={"help": "torch.compile the torch-native environments' step and the "
-                  "loss head (compiled once per shape and reused by later train() calls)"})
+        metadata={"help": "compile the torch-native environments' step, the loss head and "
+                  "Adam's step (once per shape, reused by later train() calls)"})
     reference_return: float | None = field(
         default=None, metadata={"help": "PPO reference return used to normalise fitness"})
     random_return: float | None = field(

@@ -155,3 +155,126 @@ def test_compiled_learned_optimiser_step_equals_eager(name, monkeypatch):
     if name == "open-ff":
         k = rng.fold(rng.seed_keys([5, 6]), learned._S_NOISE, 1, 1, 1)
         assert torch.equal(learned._noise_fn(D)(k), torch.compile(learned._noise_fn(D))(k))
+
+
+# -- traced graphs (make_fx + inductor, no dynamo) ------------------------------------------
+
+
+def test_traced_function_keeps_its_writes_and_builds_one_graph_per_shape():
+    """A :class:`compiled.Traced` function equals the eager function, writes to its inputs
+    in place as the eager one does, and builds one graph per input shape: a second call
+    with the same shapes builds nothing, a new shape builds a second graph, and going back
+    to the first shape reuses the first."""
+
+    def fn(x, acc, s):
+        y = torch.tanh(x) * s[0] + s[1]
+        acc.add_(y)
+        return (y, acc.sum(dim=1))
+
+    t = compiled.Traced("env", fn)
+    built = compiled.BUILT["env"]
+    for shape, builds in (((3, 5), 1), ((3, 5), 1), ((4, 7), 2), ((3, 5), 2)):
+        x = torch.randn(shape)
+        acc, acc_ref = torch.ones(shape), torch.ones(shape)
+        s = torch.tensor([2.0, -0.5])
+        y, total = t(x, acc, s)
+        y_ref, total_ref = fn(x, acc_ref, s)
+        torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(acc, acc_ref, rtol=1e-6, atol=1e-6)  # written in place
+        torch.testing.assert_close(total, total_ref, rtol=1e-6, atol=1e-5)
+        assert compiled.BUILT["env"] == built + builds
+    assert len(t.graphs) == 2
+
+
+def test_a_function_that_cannot_be_traced_falls_back_to_torch_compile():
+    """A function that reads a tensor's value cannot be traced whole: it runs through
+    ``torch.compile`` instead, with a warning naming it, and still gives the eager
+    numbers."""
+
+    def fn(x):
+        if float(x.sum()) > 0:  # data-dependent control flow
+            return (x * 2,)
+        return (x - 1,)
+
+    t = compiled.Traced("loss", fn)
+    with pytest.warns(RuntimeWarning, match="loss function could not be traced whole"):
+        (y,) = t(torch.ones(4))
+    assert torch.equal(y, torch.full((4,), 2.0))
+    (y,) = t(-torch.ones(4))
+    assert torch.equal(y, torch.full((4,), -2.0))
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_traced_environment_step_equals_eager(env_id):
+    """The compiled environment step (a traced graph over the environment's tensors) and
+    the eager step, from the same state at every step of 420 (12 environments, episode
+    ends, truncation and resets included): the same flags, counters, reset draws and
+    episode statistics bit for bit, and observations and rewards to float32 rounding
+    (inductor's fused arithmetic rounds CartPole's physics differently in the last bit)."""
+    from metarl.envs import make
+
+    discrete = env_id == "CartPole-v1"
+    cfg = config_for(env_id, backend="torch", compile=True)
+    model = ActorCritic(4 if discrete else 3, 2 if discrete else 1, discrete)
+    layout = FlatParams(model)
+    envs = [make(env_id, 12, backend="torch", seeds=list(range(12))) for _ in range(2)]
+    steps = [compiled.rollout_step(model, layout, cfg, e, "cpu", compile=c)
+             for e, c in zip(envs, (False, True))]
+    obs = envs[0].reset().reshape(3, 4, -1)
+    assert torch.equal(obs, envs[1].reset().reshape(3, 4, -1))
+    params = init_population(model, torch.arange(3))
+    weights = Towers(model, layout).actor_weights(params, 4)
+    log_std = None if discrete else params[:, -1:]
+    low, high = (None, None) if discrete else envs[0].spec.action_bounds("cpu")
+    g = torch.Generator().manual_seed(0)
+    stats = (torch.zeros(3, 4), torch.zeros(3, 4), torch.full((3, 4), float("nan")))
+    names = [n for n, v in vars(envs[0]).items() if isinstance(v, torch.Tensor)]
+    ends = truncations = 0
+    for _ in range(420):
+        noise = torch.randn(3, 4, model.actor[-1].out_features, generator=g)
+        for n in names:  # the same state on both sides
+            setattr(envs[1], n, getattr(envs[0], n).clone())
+        eager, comp = (step(e, weights, obs, noise * (3.0 if discrete else 1.0), log_std,
+                            low, high, *stats) for e, step in zip(envs, steps))
+        # (action, out, next_obs, reward, terminated, done, valid, ep_sum, ep_count, last)
+        for i, (a, b) in enumerate(zip(eager, comp)):
+            tol = 1e-6 if i in (2, 3, 7, 9) else 0  # float results of the physics
+            torch.testing.assert_close(b, a, rtol=tol, atol=tol, equal_nan=True)
+        for n in names:
+            if getattr(envs[0], n).dtype.is_floating_point:
+                torch.testing.assert_close(getattr(envs[1], n), getattr(envs[0], n),
+                                           rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(getattr(envs[1], n), getattr(envs[0], n)), n
+        obs, stats = eager[2], tuple(eager[-3:])
+        ends += int(eager[5].sum())
+        truncations += int((eager[5] & ~eager[4]).sum())
+    assert ends > 12  # episodes ended and reset along the way
+    assert truncations > 0 or discrete  # Pendulum's 200-step limit
+
+
+def test_compiled_adam_equals_eager_and_alone_equals_population():
+    """Adam's fused step (``compile=True``) gives the eager step's parameters and moments
+    to float32 rounding over five steps with the learning rate annealed, and a member
+    alone gets its population row's numbers bit for bit."""
+    from metarl.families.optim import StepContext
+    from metarl.families.optim.handcrafted import AdamUpdate
+
+    g = torch.Generator().manual_seed(0)
+    P, D = 5, 1001  # not a multiple of the vector width
+    start = torch.randn(P, D, generator=g)
+    grads = [torch.randn(P, D, generator=g) * 0.1 for _ in range(5)]
+    runs = {}
+    for comp, rows in ((False, P), (True, P), (True, 1)):
+        opt = AdamUpdate(1e-2, 0.9, 0.999, 1e-5, anneal=True, compile=comp)
+        params = start[:rows].clone()
+        state = opt.init(params)
+        for i, grad in enumerate(grads):
+            opt.step(params, grad[:rows].clone(), state, StepContext(i, 5, 0, 1, 0, 1, None))
+        runs[(comp, rows)] = (params, state["m"], state["v"])
+    eager, fused, alone = runs[(False, P)], runs[(True, P)], runs[(True, 1)]
+    assert not torch.equal(eager[0], start)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(alone, fused):
+        assert torch.equal(a, b[:1])

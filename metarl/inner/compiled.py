@@ -1,35 +1,44 @@
 """Compiled pieces of the inner loop (``PPOConfig.compile``), and the loop's step functions.
 
-With ``compile=True`` the loop runs these through ``torch.compile`` (inductor):
+With ``compile=True`` the loop runs these compiled by inductor:
 
 * the **environment's step** (torch-native CartPole and Pendulum): the dynamics, the
   next-step auto-reset with its counter-based reset draw, the episode accounting and the
-  loop's episode statistics, one compiled graph per rollout step (:func:`rollout_step`);
+  loop's episode statistics, one graph per rollout step (:func:`rollout_step`);
 * the **loss head**: the drift, the clipped value loss and the entropy from the towers'
-  outputs, with its backward compiled by AOTAutograd (:func:`loss_head`). The towers
-  themselves run eagerly with a hand-written backward (:mod:`metarl.inner.towers`);
-  gradient clipping and the optimiser step stay eager, since the optimisers read the step
-  counters as Python numbers;
+  outputs, and their gradients with respect to those outputs, one graph per minibatch step
+  (:func:`loss_head`). The towers themselves run eagerly with a hand-written backward
+  (:mod:`metarl.inner.towers`); gradient clipping stays eager;
+* **Adam's step**: its seven passes over the ``[P, D]`` parameters, one fused pass
+  (:class:`metarl.families.optim.handcrafted.AdamUpdate`);
 * for a **learned optimiser** in the optimiser slot, its noise draw and its network on a
   block of parameters (:class:`metarl.families.optim.learned.LearnedUpdate`, through
   :func:`cached_function`); its features stay eager.
 
+The first three are called hundreds of times per update, and are :class:`Traced`: traced
+once by ``make_fx`` and compiled by inductor, then called without TorchDynamo, whose
+per-call cost (its frame hook, guards, config context and AOTAutograd's wrapper: 30-60 us
+on a 2-core CPU) had been as large as the environment step's own work. The learned
+optimisers' pieces, called a few times per minibatch step and costing milliseconds each,
+go through ``torch.compile``.
+
 The policy's step and the towers were measured compiled too, and were slower: their time
-is batched matmuls, which inductor leaves as library calls, and the graph adds guards and
-copies around them (``docs/benchmarks.md`` has the figures).
+is batched matmuls, which inductor leaves as library calls, and their tanh, which
+inductor computes with SLEEF at about a quarter of the speed of the eager kernel's MKL
+(``docs/benchmarks.md`` has the figures).
 
 Meta-training calls ``train`` thousands of times with the same shapes, so each compiled
-function is built once per *key* (the shapes, the configuration values it reads, the
-drift member and the device) and kept in a small process-wide cache: the first call with a
-key compiles (seconds), later calls reuse it. The same member object must fill the slot
-for a hit (meta-training passes the same one every generation; its meta-parameters are an
-input, not part of the key). Members whose code cannot be traced (a proposal running in
-the sandbox) declare ``compilable = False`` and always run eagerly.
+function is built once per *key* (the configuration values it reads, the drift member,
+the device, and the inputs' shapes) and kept in a small process-wide cache: the first call
+with a key compiles (seconds), later calls reuse it. The same member object must fill the
+slot for a hit (meta-training passes the same one every generation; its meta-parameters
+are an input, not part of the key). Members whose code cannot be traced (a proposal
+running in the sandbox) declare ``compilable = False`` and always run eagerly.
 
-Functions built from one closure share a code object, on which dynamo counts every new
-closure or shape against one recompile limit (8 by default; past it, the function quietly
-runs eagerly); the first build raises ``torch._dynamo.config.recompile_limit`` to twice
-this cache's size.
+For the functions that do go through ``torch.compile``: functions built from one closure
+share a code object, on which dynamo counts every new closure or shape against one
+recompile limit (8 by default; past it, the function quietly runs eagerly); the first
+build raises ``torch._dynamo.config.recompile_limit`` to twice this cache's size.
 
 Compiled code computes the same function with fused kernels, so its floats can differ from
 the eager loop's in the last bits; over a training run such differences grow as in any
