@@ -113,8 +113,8 @@ class Traced:
 
     In-place writes to inputs are kept (AOTAutograd writes them back)."""
 
-    def __init__(self, kind: str, fn: Callable):
-        self.kind, self.fn = kind, fn
+    def __init__(self, kind: str, fn: Callable, options: dict | None = None):
+        self.kind, self.fn, self.options = kind, fn, dict(options or {})
         self.graphs: dict[tuple, Callable] = {}
         self._bound: Callable | None = None
         self._dynamo: Callable | None = None
@@ -127,8 +127,16 @@ class Traced:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         try:
-            graph = make_fx(self.fn, tracing_mode="fake")(*args)
-            return torch._inductor.compile(graph, list(args))
+            # fake inputs with a shape environment (static shapes): inductor then keys its
+            # on-disk graph cache, so a later process compiles the same graph in seconds
+            from torch._subclasses.fake_tensor import FakeTensorMode
+            from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+            mode = FakeTensorMode(shape_env=ShapeEnv())
+            fake = [mode.from_tensor(a, static_shapes=True) for a in args]
+            graph = make_fx(self.fn, tracing_mode="fake")(*fake)
+            with torch._inductor.config.patch(self.options):
+                return torch._inductor.compile(graph, fake)
         except Exception as e:  # noqa: BLE001 - any failure to trace: the dynamo path
             import warnings
 
@@ -155,10 +163,11 @@ class Traced:
         return graph(*args)
 
 
-def traced(kind: str, key: tuple, build: Callable[[], Callable]) -> Traced:
-    """:class:`Traced` of ``build()``, made once per ``(kind, *key)`` and kept in this
-    module's cache (its graphs with it)."""
-    return _keep(("traced", kind, *key), lambda: Traced(kind, build()))
+def traced(kind: str, key: tuple, build: Callable[[], Callable],
+           options: dict | None = None) -> Traced:
+    """:class:`Traced` of ``build()`` (compiled with inductor ``options``), made once per
+    ``(kind, *key)`` and kept in this module's cache (its graphs with it)."""
+    return _keep(("traced", kind, *key), lambda: Traced(kind, build(), options))
 
 
 def cached_function(kind: str, key: tuple, build: Callable[[], Callable]) -> Callable:
@@ -274,7 +283,10 @@ class _EnvStep:
                 for n, t in saved.items():
                     setattr(env, n, t)
 
-        self.traced = Traced("env", pure)
+        # inductor otherwise inlines the reset draw's hash chain into every use, and its
+        # code generation for this graph took 15-20 s (5-10 s with this threshold) for no
+        # faster step
+        self.traced = Traced("env", pure, {"realize_opcount_threshold": 16})
 
     def __call__(self, env, env_action, P, N, ep_sum, ep_count, last_return):
         names = self.names
