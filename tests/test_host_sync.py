@@ -64,17 +64,20 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def per_step_reads(algorithm: str, env_id: str, device: str, short: int = 16) -> dict:
+def per_step_reads(algorithm: str, env_id: str, device: str, short: int = 16,
+                   compile: bool = False) -> dict:
     counts = []
-    for steps in (short, 2 * short):
-        member, params = load(algorithm).build()
+    member, params = load(algorithm).build()
+    # compiled: first runs of both lengths unprobed, which build the graphs of their shapes
+    for steps in ((short, 2 * short) if compile else ()) + (short, 2 * short):
         num_envs = 4
         cfg = prepare_configs([env_id], num_envs=num_envs, num_steps=steps,
                               total_timesteps=2 * num_envs * steps, backend="torch",
-                              device=device)[env_id]
+                              device=device, compile=compile)[env_id]
         with HostReads() as probe:
             train(cfg, member, params, seeds=[0, 1], progress=False)
         counts.append(probe.calls)
+    counts = counts[-2:]
     return {k: counts[1][k] - counts[0][k] for k in counts[0] | counts[1]
             if counts[1][k] != counts[0][k]}
 
@@ -108,6 +111,14 @@ def test_no_host_read_per_step(algorithm, env_id, device):
     if env_id != "Pendulum-v1":
         expected["__int__", "check_actions"] = 2 * extra
     assert reads == expected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_compiled_loop_reads_nothing_per_step(device):
+    """With ``compile=True`` (the environment's step a traced graph, which also skips the
+    action check: the policy's actions are valid by construction), CartPole's rollout
+    reads nothing back to the host per step, on the CPU too."""
+    assert per_step_reads("ppo-clip", "CartPole-v1", device, compile=True) == {}
 
 
 def test_the_probe_sees_a_host_read():
