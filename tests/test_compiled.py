@@ -1,5 +1,7 @@
 """The compiled inner loop (``PPOConfig.compile``) against the eager one, and its cache."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -24,26 +26,43 @@ def _minibatch(P=3, B=64, obs_dim=4, A=2, seed=0):
     return obs, act, logp_old, val_old, adv, ret, valid
 
 
-@pytest.mark.parametrize("algorithm", ["ppo-clip", "lpo"])
-def test_compiled_loss_head_and_gradient_equal_eager(algorithm):
-    """One minibatch through the towers and the loss head: with the head compiled, the
-    loss and the parameters' gradient equal the eager ones to 1e-5 (relative), for a
-    handcrafted drift and a network drift (LPO)."""
-    cfg = config_for("CartPole-v1", **TINY)
+@pytest.mark.parametrize("algorithm, discrete", [("ppo-clip", True), ("lpo", True),
+                                                  ("ppo-clip", False)])
+def test_compiled_loss_head_and_gradient_equal_eager(algorithm, discrete):
+    """One minibatch through the towers and the loss head: with the head compiled (its loss
+    and gradients one traced graph), the loss and the parameters' gradient equal the eager
+    ones to 1e-5 (relative), for a handcrafted drift and a network drift (LPO), and for a
+    Gaussian policy, whose ``log_std`` gradient comes from the head."""
+    cfg = config_for("CartPole-v1" if discrete else "Pendulum-v1", **TINY)
     member, drift, _ = resolve_slots(algorithm)
-    model = ActorCritic(4, 2, True, cfg.hidden, cfg.layers, cfg.activation)
+    obs_dim, A = (4, 2) if discrete else (3, 1)
+    model = ActorCritic(obs_dim, A, discrete, cfg.hidden, cfg.layers, cfg.activation)
     layout = FlatParams(model)
     towers = Towers(model, layout)
     params = init_population(model, torch.arange(3))
+    log_std_slice = None
+    if not discrete:
+        i = layout.names.index("log_std")
+        start = sum(layout.sizes[:i])
+        log_std_slice = slice(start, start + layout.sizes[i])
+        params[:, log_std_slice] = torch.tensor([[-0.3], [0.0], [0.4]])
     meta = (torch.randn(3, drift.num_meta_params, generator=torch.Generator().manual_seed(1))
             * 0.1 if drift.num_meta_params else torch.zeros(3, 0))
-    obs, *rest = _minibatch()
+    obs, act, *rest = _minibatch(obs_dim=obs_dim, A=A)
+    if not discrete:
+        act = torch.randn(3, obs.shape[1], A, generator=torch.Generator().manual_seed(2))
     out = {}
     for comp in (False, True):
-        head = compiled.loss_head(cfg, drift, True, "cpu", compile=comp)
+        head = compiled.loss_head(cfg, drift, discrete, "cpu", compile=comp)
+        assert (head.joint is not None) == comp
         grads = torch.zeros_like(params)
-        loss = towers.loss_and_grads(params, head, None, grads, obs, meta, *rest)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*could not be traced whole")
+            loss = towers.loss_and_grads(params, head, log_std_slice, grads, obs, meta, act,
+                                         *rest)
         out[comp] = (loss, grads)
+    if not discrete:
+        assert out[False][1][:, log_std_slice].abs().min() > 0
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-5, atol=1e-6)
 
@@ -57,7 +76,9 @@ def test_compiled_training_equals_eager_and_reuses_its_compilation():
     member, _, _ = resolve_slots("ppo-clip")
     eager = train(cfg, member, None, [0, 1, 2])
     built = dict(compiled.BUILT)
-    first = train(cfg.replace(compile=True), member, None, [0, 1, 2])
+    with warnings.catch_warnings():  # every compiled piece traced whole (no fallback)
+        warnings.filterwarnings("error", message=".*could not be traced whole")
+        first = train(cfg.replace(compile=True), member, None, [0, 1, 2])
     assert compiled.BUILT["env"] <= built["env"] + 1
     assert compiled.BUILT["loss"] <= built["loss"] + 1
     built = dict(compiled.BUILT)
@@ -184,6 +205,12 @@ def test_traced_function_keeps_its_writes_and_builds_one_graph_per_shape():
         torch.testing.assert_close(total, total_ref, rtol=1e-6, atol=1e-5)
         assert compiled.BUILT["env"] == built + builds
     assert len(t.graphs) == 2
+    # the same shapes in another dtype are another signature: a graph of their own
+    x = torch.randn(3, 5, dtype=torch.float64)
+    acc = torch.ones(3, 5, dtype=torch.float64)
+    y, _ = t(x, acc, torch.tensor([2.0, -0.5], dtype=torch.float64))
+    assert y.dtype == torch.float64 and len(t.graphs) == 3
+    torch.testing.assert_close(y, torch.tanh(x) * 2.0 - 0.5)
 
 
 def test_a_function_that_cannot_be_traced_falls_back_to_torch_compile():

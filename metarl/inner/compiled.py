@@ -9,8 +9,8 @@ With ``compile=True`` the loop runs these compiled by inductor:
   outputs, and their gradients with respect to those outputs, one graph per minibatch step
   (:func:`loss_head`). The towers themselves run eagerly with a hand-written backward
   (:mod:`metarl.inner.towers`); gradient clipping stays eager;
-* **Adam's step**: its seven passes over the ``[P, D]`` parameters, one fused pass
-  (:class:`metarl.families.optim.handcrafted.AdamUpdate`);
+* **Adam's step**: its seven passes over the ``[P, D]`` parameters, one fused pass, on
+  the CPU (:class:`metarl.families.optim.handcrafted.AdamUpdate`);
 * for a **learned optimiser** in the optimiser slot, its noise draw and its network on a
   block of parameters (:class:`metarl.families.optim.learned.LearnedUpdate`, through
   :func:`cached_function`); its features stay eager.
@@ -100,23 +100,21 @@ class Traced:
     TorchDynamo: traced once per input signature (shapes, strides, dtypes, devices) by
     ``make_fx`` on fake tensors, then compiled by inductor (``torch._inductor.compile``).
 
-    A call through ``torch.compile`` spends 30-60 us on this machine before its kernels
-    run (dynamo's frame hook and guards, its config context, the AOTAutograd wrapper);
-    a traced graph is called in about 6 us. That matters for functions called hundreds of
-    times per update: the environment's step (each rollout step), the loss head and
-    Adam's step (each minibatch). There are no guards: the caller passes tensors of the
-    same kind on every call (the inner loop does, by construction), and a change of shape
-    or stride is caught by the compiled code's own size check (then the graph for the
-    new signature is looked up, or built). ``fn`` must be traceable whole, with no read
-    of a tensor's value; where tracing or compiling fails, ``fn`` runs through
-    ``torch.compile`` instead (with its graph breaks and guards).
+    A call through ``torch.compile`` spends 30-60 us on a 2-core CPU before its kernels
+    run (dynamo's frame hook and guards, its config context, the AOTAutograd wrapper); a
+    traced graph is called in about 6 us, and the signature check here adds a few more.
+    That matters for functions called hundreds of times per update: the environment's
+    step (each rollout step), the loss head and Adam's step (each minibatch). The graph
+    for a signature assumes nothing else about its inputs: ``fn`` must be traceable whole,
+    with no read of a tensor's value and no Python state that changes between calls.
+    Where tracing or compiling fails, ``fn`` runs through ``torch.compile`` instead (with
+    its graph breaks and guards), with a warning.
 
     In-place writes to inputs are kept (AOTAutograd writes them back)."""
 
     def __init__(self, kind: str, fn: Callable, options: dict | None = None):
         self.kind, self.fn, self.options = kind, fn, dict(options or {})
         self.graphs: dict[tuple, Callable] = {}
-        self._bound: Callable | None = None
         self._dynamo: Callable | None = None
 
     @staticmethod
@@ -148,18 +146,11 @@ class Traced:
             return self._dynamo
 
     def __call__(self, *args):
-        graph = self._bound
-        if graph is not None:
-            try:
-                return graph(*args)
-            except AssertionError:  # the compiled code's size/stride check, before any work
-                pass
         sig = self.signature(args)
         graph = self.graphs.get(sig)
         if graph is None:
             graph = self.graphs[sig] = self._build(args)
             BUILT[self.kind] += 1
-        self._bound = graph
         return graph(*args)
 
 

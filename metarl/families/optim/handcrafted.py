@@ -21,7 +21,9 @@ class AdamUpdate(PopulationOptimizer):
         self.lr, self.b1, self.b2, self.eps, self.anneal = lr, b1, b2, eps, anneal
         self._denom = None
         # compiled: the step's seven passes over [P, D] are one fused pass (a traced graph,
-        # the same operations in the same order)
+        # the same operations; their rounding may differ in the last bit). On the CPU
+        # only: elsewhere its two scalars would be copied to the device every step, which
+        # makes the host wait for the device, and the seven passes are cheap there.
         self._fused = None
         if compile:
             from metarl.inner import compiled
@@ -41,7 +43,7 @@ class AdamUpdate(PopulationOptimizer):
         lr = self.lr * (ctx.frac_remaining if self.anneal else 1.0)
         bc1 = 1.0 - self.b1**t
         bc2 = 1.0 - self.b2**t
-        if self._fused is not None:
+        if self._fused is not None and params.device.type == "cpu":
             scalars = torch.tensor([-lr / bc1, bc2], dtype=params.dtype, device=params.device)
             self._fused(params, grads, m, v, scalars)
             return
