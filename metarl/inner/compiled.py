@@ -54,7 +54,7 @@ from collections.abc import Callable, Hashable
 import torch
 
 from metarl.inner.losses import ppo_loss, ppo_objective
-from metarl.inner.towers import Towers
+from metarl.inner.towers import Towers, head_grads
 from metarl.nets import population_forward, population_tower
 
 #: compiled functions kept at once (least recently used dropped first)
@@ -339,17 +339,7 @@ class LossHead:
             args = (out, value) if log_std is None else (out, value, log_std)
             res = self.joint(*args, *batch)
             return (*res, None) if log_std is None else tuple(res)
-        return _head_grads(self.fn, out, value, log_std, batch)
-
-
-def _head_grads(fn, out, value, log_std, batch):
-    leaves = [out.detach().requires_grad_(True), value.detach().requires_grad_(True)]
-    if log_std is not None:
-        leaves.append(log_std.detach().requires_grad_(True))
-    with torch.enable_grad():
-        loss = fn(*leaves[:2], leaves[2] if log_std is not None else None, *batch)
-        g = torch.autograd.grad(loss.sum(), leaves)
-    return (loss.detach(), *g, None) if log_std is None else (loss.detach(), *g)
+        return head_grads(self.fn, out, value, log_std, batch)
 
 
 def loss_head(config, drift, discrete: bool, device, compile: bool = True) -> LossHead:
@@ -368,7 +358,7 @@ def loss_head(config, drift, discrete: bool, device, compile: bool = True) -> Lo
     def build():
         def joint(out, value, *rest):
             log_std, batch = (None, rest) if discrete else (rest[0], rest[1:])
-            return _head_grads(fn, out, value, log_std, batch)[:3 if discrete else 4]
+            return head_grads(fn, out, value, log_std, batch)[:3 if discrete else 4]
 
         return joint
 

@@ -214,14 +214,25 @@ class Towers:
                 loss, g_out, g_value, g_log_std = head.loss_and_grads(out, value, log_std,
                                                                       *batch)
             else:
-                from metarl.inner.compiled import LossHead
-
-                loss, g_out, g_value, g_log_std = LossHead(head).loss_and_grads(
-                    out, value, log_std, *batch)
+                loss, g_out, g_value, g_log_std = head_grads(head, out, value, log_std, batch)
             self.backward(params, saved, g_out, g_value, grads)
             if log_std_slice is not None:
                 grads[:, log_std_slice] = g_log_std
         return loss
 
 
-__all__ = ["Towers"]
+def head_grads(head, out: torch.Tensor, value: torch.Tensor, log_std: torch.Tensor | None,
+               batch: tuple) -> tuple:
+    """``(loss [P], d out, d value, d log_std or None)``: autograd of the summed loss
+    ``head(out, value, log_std, *batch)`` with respect to the towers' outputs and
+    ``log_std`` (None for a discrete policy)."""
+    leaves = [out.detach().requires_grad_(True), value.detach().requires_grad_(True)]
+    if log_std is not None:
+        leaves.append(log_std.detach().requires_grad_(True))
+    with torch.enable_grad():
+        loss = head(*leaves[:2], leaves[2] if log_std is not None else None, *batch)
+        g = torch.autograd.grad(loss.sum(), leaves)
+    return (loss.detach(), *g, None) if log_std is None else (loss.detach(), *g)
+
+
+__all__ = ["Towers", "head_grads"]
